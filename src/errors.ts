@@ -1,0 +1,66 @@
+/**
+ * Every error the gateway raises on purpose carries a stable `code`, so that callers
+ * (the CLI, later the HTTP API) can map it to an exit status or an HTTP status once,
+ * and tests can assert on the code rather than on message wording.
+ */
+export type ErrorCode =
+  // safetensors / checkpoint files
+  | 'SAFETENSORS_TOO_SHORT'
+  | 'SAFETENSORS_HEADER_PAST_EOF'
+  | 'SAFETENSORS_HEADER_INVALID'
+  | 'SAFETENSORS_UNKNOWN_DTYPE'
+  | 'SAFETENSORS_UNSUPPORTED_DTYPE'
+  | 'SAFETENSORS_SIZE_MISMATCH'
+  | 'SAFETENSORS_OFFSETS_OVERLAP'
+  | 'SAFETENSORS_OFFSETS_GAP'
+  | 'SAFETENSORS_INDEX_INVALID'
+  | 'TENSOR_MISSING'
+  | 'TENSOR_SHAPE_MISMATCH'
+  | 'TENSOR_NOT_FINITE'
+  // model folder
+  | 'MODEL_CONFIG_INVALID'
+  | 'MODEL_ARCHITECTURE_UNSUPPORTED'
+  | 'ROPE_SCALING_UNSUPPORTED'
+  | 'MODEL_FILE_MISSING'
+  | 'TOKENIZER_INVALID'
+  // PEFT adapters
+  | 'ADAPTER_CONFIG_INVALID'
+  | 'ADAPTER_UNSUPPORTED'
+  | 'ADAPTER_RANK_TOO_LARGE'
+  | 'ADAPTER_MODULE_UNKNOWN'
+  | 'ADAPTER_SHAPE_MISMATCH'
+  | 'ADAPTER_WEIGHTS_INVALID'
+  // requests and configuration
+  | 'REQUEST_INVALID'
+  | 'CONTEXT_LENGTH_EXCEEDED'
+  | 'CONFIG_INVALID'
+  | 'BACKEND_UNAVAILABLE';
+
+export class LoraGatewayError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+    this.code = code;
+  }
+}
+
+/** A model or checkpoint file is missing, corrupt or does not fit the model's config. */
+export class ModelFormatError extends LoraGatewayError {
+  readonly file: string;
+
+  constructor(code: ErrorCode, file: string, message: string, options?: { cause?: unknown }) {
+    super(code, `${file}: ${message}`, options);
+    this.file = file;
+  }
+}
+
+/** A PEFT adapter cannot be served by this model: bad files, unsupported options or shapes. */
+export class AdapterError extends LoraGatewayError {}
+
+/** A generation request is malformed or cannot fit the model. */
+export class RequestError extends LoraGatewayError {}
+
+/** Startup configuration (flags, environment) is invalid, or a backend cannot load. */
+export class ConfigError extends LoraGatewayError {}

@@ -1,0 +1,202 @@
+import * as tf from '@tensorflow/tfjs-core';
+import type { LoraAdapter, LoraModuleWeights } from './lora-adapter.js';
+import type { ProjectionName } from './llama-weights.js';
+
+/** Rows [start, start+count) of the flattened token batch use `adapter` (null: base model only). */
+export interface LoraRowSegment {
+  start: number;
+  count: number;
+  adapter: LoraAdapter | null;
+}
+
+export type LoraStrategy = 'auto' | 'stacked' | 'segmented';
+
+/**
+ * Costs of the wasm backend that decide between strategies, measured on the development
+ * machine (see BENCHMARKS.md): ~16 GFLOP/s for matMul, ~20 µs fixed cost per small op.
+ */
+export interface LoraCostModel {
+  flopsPerSecond: number;
+  secondsPerOp: number;
+}
+
+export const WASM_COST_MODEL: LoraCostModel = { flopsPerSecond: 16e9, secondsPerOp: 20e-6 };
+
+let nextSerial = 1;
+const serials = new WeakMap<LoraAdapter, number>();
+function serialOf(a: LoraAdapter): number {
+  let s = serials.get(a);
+  if (s === undefined) serials.set(a, (s = nextSerial++));
+  return s;
+}
+
+interface Stack {
+  /** [in, R]: the participating adapters' Aᵀ side by side. */
+  aCat: tf.Tensor2D;
+  /** [R, out]: their Bᵀ stacked. */
+  bCat: tf.Tensor2D;
+}
+
+/**
+ * Concatenated A/B matrices per (module, adapter set), kept across decode steps: while the
+ * set of adapters in the batch does not change, re-concatenating them every step would
+ * cost ~2 ops × modules × layers for nothing. The owner clears it when adapters change.
+ */
+export class LoraStackCache {
+  private readonly stacks = new Map<string, Stack>();
+
+  get(key: string, build: () => Stack): Stack {
+    let s = this.stacks.get(key);
+    if (!s) {
+      s = build();
+      tf.keep(s.aCat);
+      tf.keep(s.bCat);
+      this.stacks.set(key, s);
+    }
+    return s;
+  }
+
+  get size(): number {
+    return this.stacks.size;
+  }
+
+  clear(): void {
+    for (const s of this.stacks.values()) {
+      s.aCat.dispose();
+      s.bCat.dispose();
+    }
+    this.stacks.clear();
+  }
+}
+
+interface Participant {
+  adapter: LoraAdapter;
+  weights: LoraModuleWeights;
+  segments: LoraRowSegment[];
+  rows: number;
+}
+
+/**
+ * Heterogeneous batched LoRA for one forward step. For x [T, in] and the adapter a(t) of row t:
+ *   delta[t] = s_a(t) · (x[t] · A_a(t)ᵀ) · B_a(t)ᵀ,   0 where a(t) is none or does not adapt this module.
+ * Two equivalent strategies, chosen per module by a cost model:
+ *  - stacked:   (x · [A_1ᵀ … A_nᵀ]) ⊙ M · [B_1ᵀ; …; B_nᵀ], M[t, cols of a] = s_a if a(t) = a else 0.
+ *               Few ops, but every row pays for every adapter's rank.
+ *  - segmented: per adapter, gather its rows, two small matMuls, scatter back. Exact FLOPs,
+ *               but ~4 ops per adapter.
+ * All tensors it creates belong to the caller's tf.tidy, except stacks held by the cache.
+ */
+export class LoraBatch {
+  private readonly segments: LoraRowSegment[];
+  private readonly totalRows: number;
+  private readonly strategy: LoraStrategy;
+  private readonly cost: LoraCostModel;
+  private readonly stackCache: LoraStackCache | undefined;
+  private readonly masks = new Map<string, tf.Tensor2D>();
+  private readonly anyAdapter: boolean;
+
+  constructor(
+    segments: LoraRowSegment[],
+    totalRows: number,
+    options: { strategy?: LoraStrategy; cost?: LoraCostModel; stackCache?: LoraStackCache } = {},
+  ) {
+    this.segments = segments;
+    this.totalRows = totalRows;
+    this.strategy = options.strategy ?? 'auto';
+    this.cost = options.cost ?? WASM_COST_MODEL;
+    this.stackCache = options.stackCache;
+    this.anyAdapter = segments.some((s) => s.adapter !== null && s.count > 0);
+  }
+
+  /** The LoRA delta [T, out] for x [T, in] at one projection, or null when no row adapts it. */
+  delta(layer: number, proj: ProjectionName, x: tf.Tensor2D): tf.Tensor2D | null {
+    if (!this.anyAdapter) return null;
+    const participants = this.participants(layer, proj);
+    if (participants.length === 0) return null;
+    const outFeatures = participants[0].weights.bT.shape[1];
+    const inFeatures = x.shape[1];
+    if (participants.length === 1 && participants[0].rows === this.totalRows) {
+      const w = participants[0].weights;
+      return tf.mul(tf.matMul(tf.matMul(x, w.aT), w.bT), w.scale) as tf.Tensor2D;
+    }
+    const choice = this.strategy === 'auto' ? this.cheaper(participants, inFeatures + outFeatures) : this.strategy;
+    return choice === 'stacked' ? this.stacked(layer, proj, x, participants) : this.segmented(x, participants, outFeatures);
+  }
+
+  private participants(layer: number, proj: ProjectionName): Participant[] {
+    const byAdapter = new Map<LoraAdapter, Participant>();
+    for (const seg of this.segments) {
+      if (!seg.adapter || seg.count === 0) continue;
+      const weights = seg.adapter.module(layer, proj);
+      if (!weights) continue;
+      let p = byAdapter.get(seg.adapter);
+      if (!p) byAdapter.set(seg.adapter, (p = { adapter: seg.adapter, weights, segments: [], rows: 0 }));
+      p.segments.push(seg);
+      p.rows += seg.count;
+    }
+    return [...byAdapter.values()];
+  }
+
+  private cheaper(ps: Participant[], inPlusOut: number): 'stacked' | 'segmented' {
+    const { flopsPerSecond: f, secondsPerOp: o } = this.cost;
+    const totalRank = ps.reduce((s, p) => s + p.weights.rank, 0);
+    const stacked = (2 * this.totalRows * totalRank * inPlusOut) / f + 4 * o;
+    const exactFlops = ps.reduce((s, p) => s + 2 * p.rows * p.weights.rank * inPlusOut, 0);
+    const segmented = exactFlops / f + (4 * ps.length + 2) * o;
+    return stacked <= segmented ? 'stacked' : 'segmented';
+  }
+
+  private stacked(layer: number, proj: ProjectionName, x: tf.Tensor2D, ps: Participant[]): tf.Tensor2D {
+    const setKey = ps.map((p) => serialOf(p.adapter)).join(',');
+    const build = (): Stack => ({
+      aCat: tf.concat(ps.map((p) => p.weights.aT), 1),
+      bCat: tf.concat(ps.map((p) => p.weights.bT), 0),
+    });
+    const stack = this.stackCache ? this.stackCache.get(`${layer}.${proj}|${setKey}`, build) : build();
+    // Modules adapted by the same adapters in the same order share one mask.
+    const maskKey = ps.map((p) => `${serialOf(p.adapter)}:${p.weights.rank}:${p.weights.scale}`).join(',');
+    let mask = this.masks.get(maskKey);
+    if (!mask) {
+      const totalRank = stack.aCat.shape[1];
+      const m = new Float32Array(this.totalRows * totalRank);
+      let col = 0;
+      for (const p of ps) {
+        for (const seg of p.segments) {
+          for (let t = seg.start; t < seg.start + seg.count; t++) {
+            m.fill(p.weights.scale, t * totalRank + col, t * totalRank + col + p.weights.rank);
+          }
+        }
+        col += p.weights.rank;
+      }
+      mask = tf.tensor2d(m, [this.totalRows, totalRank]);
+      this.masks.set(maskKey, mask);
+    }
+    return tf.matMul(tf.mul(tf.matMul(x, stack.aCat), mask) as tf.Tensor2D, stack.bCat);
+  }
+
+  private segmented(x: tf.Tensor2D, ps: Participant[], outFeatures: number): tf.Tensor2D {
+    const pieces: tf.Tensor2D[] = [];
+    // position[t] = row of the concatenated pieces that holds row t's delta
+    const position = new Int32Array(this.totalRows).fill(-1);
+    let next = 0;
+    for (const p of ps) {
+      let xa: tf.Tensor2D;
+      if (p.segments.length === 1) {
+        const seg = p.segments[0];
+        xa = tf.slice(x, [seg.start, 0], [seg.count, -1]);
+      } else {
+        const idx: number[] = [];
+        for (const seg of p.segments) for (let t = seg.start; t < seg.start + seg.count; t++) idx.push(t);
+        xa = tf.gather(x, tf.tensor1d(idx, 'int32'));
+      }
+      for (const seg of p.segments) for (let t = seg.start; t < seg.start + seg.count; t++) position[t] = next++;
+      pieces.push(tf.mul(tf.matMul(tf.matMul(xa, p.weights.aT), p.weights.bT), p.weights.scale) as tf.Tensor2D);
+    }
+    if (next < this.totalRows) {
+      pieces.push(tf.zeros([1, outFeatures]));
+      for (let t = 0; t < this.totalRows; t++) if (position[t] < 0) position[t] = next;
+    }
+    const all = pieces.length === 1 ? pieces[0] : tf.concat(pieces, 0);
+    return tf.gather(all, tf.tensor1d(position, 'int32')) as tf.Tensor2D;
+  }
+}

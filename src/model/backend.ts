@@ -45,7 +45,7 @@ async function useBuiltin(name: 'wasm' | 'cpu'): Promise<ResolvedBackend> {
  * loads, otherwise WebAssembly with SIMD. 'cpu' is the plain-JS reference backend, ~50× slower
  * than wasm; it exists for debugging, never for serving.
  */
-export async function resolveBackend(choice: BackendChoice = 'auto', log: (line: string) => void = () => {}): Promise<ResolvedBackend> {
+export async function resolveBackend(choice: BackendChoice = "auto", log: (line: string) => void = () => {}): Promise<ResolvedBackend> {
   if (resolved) {
     if (choice !== 'auto' && choice !== resolved.name) {
       throw new ConfigError('BACKEND_UNAVAILABLE', `backend already resolved to '${resolved.name}', cannot switch to '${choice}'`);
@@ -63,10 +63,4 @@ export async function resolveBackend(choice: BackendChoice = 'auto', log: (line:
   resolved = result;
   log(`tensor backend: ${result.name} (${result.source})`);
   return result;
-}
-
-export function parseBackendChoice(value: string | undefined): BackendChoice {
-  const v = value ?? 'auto';
-  if (v === 'auto' || v === 'tensorflow' || v === 'wasm' || v === 'cpu') return v;
-  throw new ConfigError('CONFIG_INVALID', `--backend must be auto, tensorflow, wasm or cpu, got '${v}'`);
 }

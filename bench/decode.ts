@@ -1,0 +1,159 @@
+/**
+ * bench:decode — decode throughput of a SmolLM2-135M-shaped model with random weights at
+ * batch 1, 8 and 32, the FLOP rate that implies, and the backend's own matMul rate measured
+ * in the same run; then the cost of heterogeneous LoRA at batch 32 against the base model.
+ *
+ *   npm run bench:decode [-- --steps 8 --prompt 32]
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import os from 'node:os';
+import { parseArgs } from 'node:util';
+import { resolveBackend } from '../src/model/backend.js';
+import { DecodeBatchCache } from '../src/model/kv-cache.js';
+import { LoraStackCache, type LoraStrategy } from '../src/model/lora-batch.js';
+import type { LoraAdapter } from '../src/model/lora-adapter.js';
+import { forwardDecode, forwardSequences, LlamaModel } from '../src/model/llama-model.js';
+import { llamaWeightsFromArrays, PROJECTIONS, projectionModulePath, projectionShape, type ProjectionName } from '../src/model/llama-weights.js';
+import { parseModelConfig, type ModelConfig } from '../src/model/model-config.js';
+import { uploadAdapter } from '../src/model/peft-adapter-reader.js';
+import { randomLlamaWeights, randomLoraWeights } from '../src/model/random-weights.js';
+import { SeededRandom } from '../src/model/seeded-random.js';
+
+const SMOLLM2_135M_SHAPE = {
+  architectures: ['LlamaForCausalLM'],
+  hidden_size: 576,
+  intermediate_size: 1536,
+  num_hidden_layers: 30,
+  num_attention_heads: 9,
+  num_key_value_heads: 3,
+  vocab_size: 49152,
+  max_position_embeddings: 8192,
+  rms_norm_eps: 1e-5,
+  rope_theta: 100000,
+  tie_word_embeddings: true,
+};
+
+const { values } = parseArgs({
+  options: { steps: { type: 'string', default: '8' }, prompt: { type: 'string', default: '32' }, backend: { type: 'string', default: 'auto' } },
+});
+const STEPS = Number(values.steps);
+const PROMPT = Number(values.prompt);
+
+function matmulRate(n: number, reps: number): number {
+  const a = tf.randomNormal([n, n]);
+  const b = tf.randomNormal([n, n]);
+  tf.matMul(a, b).dataSync();
+  const t0 = performance.now();
+  for (let i = 0; i < reps; i++) {
+    const c = tf.matMul(a, b);
+    c.dataSync();
+    c.dispose();
+  }
+  const s = (performance.now() - t0) / 1000 / reps;
+  a.dispose();
+  b.dispose();
+  return (2 * n ** 3) / s;
+}
+
+/** Multiply-adds ×2 of one decode token: every projection, lm_head, and attention over ctx keys. */
+function flopsPerToken(c: ModelConfig, ctx: number): number {
+  let linear = 0;
+  for (const p of PROJECTIONS) {
+    const { inFeatures, outFeatures } = projectionShape(c, p);
+    linear += inFeatures * outFeatures;
+  }
+  const attention = 2 * c.numHeads * c.headDim * ctx; // q·K and p·V
+  return 2 * (c.numLayers * (linear + attention) + c.hiddenSize * c.vocabSize);
+}
+
+async function decodeRate(model: LlamaModel, batch: number, adapters: (LoraAdapter | null)[], strategy: LoraStrategy): Promise<number> {
+  const rng = new SeededRandom(batch);
+  const caches = Array.from({ length: batch }, () => model.newCache());
+  const stackCache = new LoraStackCache();
+  const prompts = caches.map(() => Array.from({ length: PROMPT }, () => rng.int(model.config.vocabSize)));
+  forwardSequences(
+    model,
+    prompts.map((tokens, i) => ({ tokens, cache: caches[i], adapter: adapters[i], logits: 'none' as const })),
+    { loraStrategy: strategy, stackCache },
+  ).dispose();
+  const packed = DecodeBatchCache.pack(caches, model.config.slidingWindow);
+  caches.forEach((c) => c.dispose());
+  let tokens = prompts.map((p) => p[p.length - 1]);
+  const step = async () => {
+    const logits = forwardDecode(model, packed, tokens, adapters, { loraStrategy: strategy, stackCache });
+    const data = await logits.data();
+    logits.dispose();
+    tokens = tokens.map((_, b) => {
+      let best = 0;
+      for (let v = 1; v < model.config.vocabSize; v++) if (data[b * model.config.vocabSize + v] > data[b * model.config.vocabSize + best]) best = v;
+      return best;
+    });
+  };
+  await step(); // warm-up: first-use kernel setup
+  const t0 = performance.now();
+  for (let s = 0; s < STEPS; s++) await step();
+  const seconds = (performance.now() - t0) / 1000;
+  packed.dispose();
+  stackCache.clear();
+  return (batch * STEPS) / seconds;
+}
+
+function makeAdapters(configJson: Record<string, unknown>, config: ModelConfig, count: number): LoraAdapter[] {
+  const ranks = [8, 16, 32, 16];
+  const targets: ProjectionName[] = ['q_proj', 'k_proj', 'v_proj', 'o_proj'];
+  return Array.from({ length: count }, (_, i) => {
+    const rank = ranks[i % ranks.length];
+    const mods = [];
+    for (let l = 0; l < config.numLayers; l++) for (const proj of targets) mods.push({ modulePath: projectionModulePath(l, proj), proj, rank, layer: l });
+    const w = randomLoraWeights(configJson, mods, 1000 + i);
+    return uploadAdapter(
+      {
+        id: `bench-${i}`,
+        modules: mods.map((m) => ({
+          spec: { layer: m.layer, proj: m.proj, modulePath: m.modulePath, rank, scale: 2 },
+          a: w.get(`base_model.model.${m.modulePath}.lora_A.weight`)!.data,
+          b: w.get(`base_model.model.${m.modulePath}.lora_B.weight`)!.data,
+        })),
+      },
+      config,
+    );
+  });
+}
+
+async function main(): Promise<void> {
+  const backend = await resolveBackend(values.backend as 'auto', (l) => console.log(l));
+  const config = parseModelConfig(SMOLLM2_135M_SHAPE);
+  console.log(`machine: ${os.cpus()[0]?.model ?? 'unknown cpu'}, ${os.cpus().length} cores; node ${process.version}; backend ${backend.name}`);
+  console.log('building a SmolLM2-135M-shaped model with random weights ...');
+  const model = new LlamaModel(config, llamaWeightsFromArrays(config, randomLlamaWeights(SMOLLM2_135M_SHAPE, 7)));
+  const mm = matmulRate(1024, 5);
+  console.log(`backend matMul 1024³: ${(mm / 1e9).toFixed(2)} GFLOP/s`);
+  console.log(`decode: prompt ${PROMPT} tokens, ${STEPS} timed steps after one warm-up step`);
+  console.log('| batch | adapters | tokens/s | GFLOP/s implied | share of matMul rate |');
+  console.log('|---|---|---|---|---|');
+  const ctx = PROMPT + STEPS / 2;
+  const rows: { batch: number; label: string; rate: number }[] = [];
+  for (const batch of [1, 8, 32]) {
+    const rate = await decodeRate(model, batch, new Array(batch).fill(null), 'auto');
+    rows.push({ batch, label: 'none', rate });
+    const gflops = (rate * flopsPerToken(config, ctx)) / 1e9;
+    console.log(`| ${batch} | none | ${rate.toFixed(1)} | ${gflops.toFixed(2)} | ${((gflops * 1e9) / mm).toFixed(2)}× |`);
+  }
+  const base32 = rows.find((r) => r.batch === 32)!.rate;
+  console.log('\nheterogeneous LoRA at batch 32 (q,k,v,o; ranks 8/16/32), relative to the base model at batch 32 in this run:');
+  console.log('| distinct adapters | strategy | tokens/s | vs base |');
+  console.log('|---|---|---|---|');
+  for (const count of [1, 8, 32]) {
+    const adapters = makeAdapters(SMOLLM2_135M_SHAPE, config, count);
+    const perRow = Array.from({ length: 32 }, (_, b) => adapters[b % count]);
+    for (const strategy of ['auto', 'stacked', 'segmented'] as LoraStrategy[]) {
+      const rate = await decodeRate(model, 32, perRow, strategy);
+      console.log(`| ${count} | ${strategy} | ${rate.toFixed(1)} | ${(rate / base32).toFixed(2)}× |`);
+    }
+    adapters.forEach((a) => a.dispose());
+  }
+  model.dispose();
+  console.log(`\ntensors alive at exit: ${tf.memory().numTensors}`);
+}
+
+await main();

@@ -1,0 +1,74 @@
+import { join } from 'node:path';
+import { buildDemoTokenizer } from '../model/demo-tokenizer.js';
+import { peftConfigJson, writeModelFolder, writePeftAdapter } from '../model/hf-folder-writer.js';
+import { PROJECTIONS, projectionModulePath, type ProjectionName } from '../model/llama-weights.js';
+import { parseModelConfig } from '../model/model-config.js';
+import { randomLlamaWeights, randomLoraWeights } from '../model/random-weights.js';
+import type { StoredDtype } from '../model/safetensors.js';
+
+/** Ranks and targets the demo adapters cycle through, so a demo batch is heterogeneous. */
+const DEMO_RANKS = [4, 8, 16, 32];
+const DEMO_TARGETS: ProjectionName[][] = [
+  ['q_proj', 'v_proj'],
+  ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
+  [...PROJECTIONS],
+  ['gate_proj', 'up_proj', 'down_proj'],
+];
+
+export interface DemoModelOptions {
+  adapters: number;
+  dtype?: StoredDtype;
+  seed?: number;
+}
+
+/**
+ * Writes a tiny Llama in the real Hugging Face layout (config.json, model.safetensors,
+ * tokenizer.json, tokenizer_config.json, generation_config.json) and N PEFT adapters of
+ * mixed ranks under `<dir>/adapters/demo-<i>`. Weights are random: the text is gibberish,
+ * but every file is what transformers and PEFT would read.
+ */
+export async function writeDemoModel(dir: string, options: DemoModelOptions): Promise<{ adapterDirs: string[] }> {
+  const seed = options.seed ?? 1234;
+  const tok = buildDemoTokenizer();
+  const configJson: Record<string, unknown> = {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    hidden_size: 64,
+    intermediate_size: 172,
+    num_hidden_layers: 4,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    vocab_size: tok.vocabSize,
+    max_position_embeddings: 2048,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000,
+    tie_word_embeddings: true,
+    hidden_act: 'silu',
+    bos_token_id: (tok.generationConfig as { bos_token_id?: number }).bos_token_id,
+    eos_token_id: (tok.generationConfig as { eos_token_id?: number | number[] }).eos_token_id,
+  };
+  await writeModelFolder(dir, configJson, randomLlamaWeights(configJson, seed), {
+    dtype: options.dtype ?? 'F32',
+    tokenizerJson: tok.tokenizerJson,
+    tokenizerConfig: tok.tokenizerConfig,
+    generationConfig: tok.generationConfig,
+  });
+  const config = parseModelConfig(configJson);
+  const adapterDirs: string[] = [];
+  for (let i = 0; i < options.adapters; i++) {
+    const rank = DEMO_RANKS[i % DEMO_RANKS.length];
+    const targets = DEMO_TARGETS[Math.floor(i / DEMO_RANKS.length) % DEMO_TARGETS.length];
+    const modules = [];
+    for (let l = 0; l < config.numLayers; l++) {
+      for (const proj of targets) modules.push({ modulePath: projectionModulePath(l, proj), proj, rank });
+    }
+    const adapterDir = join(dir, 'adapters', `demo-${i}`);
+    await writePeftAdapter(
+      adapterDir,
+      peftConfigJson({ r: rank, loraAlpha: 2 * rank, targetModules: targets, baseModelName: dir }),
+      randomLoraWeights(configJson, modules, seed + 1 + i, 0.2),
+    );
+    adapterDirs.push(adapterDir);
+  }
+  return { adapterDirs };
+}

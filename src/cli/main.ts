@@ -1,0 +1,181 @@
+#!/usr/bin/env node
+import { existsSync } from 'node:fs';
+import { readdir } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { engineConfigFrom, type EngineConfig } from '../config.js';
+import { LoraGatewayError } from '../errors.js';
+import { resolveBackend } from '../model/backend.js';
+import type { LlamaModel } from '../model/llama-model.js';
+import { loadLlamaModel } from '../model/model-loader.js';
+import { writeDemoModel } from './demo-model-command.js';
+import { batchBaseDir, loadTokenizerIfPresent, readBatchFile, runBatchLines, type BatchLine, type GenerateContext } from './generate-command.js';
+
+const USAGE = `lora-gateway — many LoRA adapters of one Llama-family model, on TensorFlow.js
+
+Usage:
+  lora-gateway generate --model DIR [--adapter DIR] (--prompt TEXT | --prompt-ids 1,2,3)
+                        [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
+                        [--logprobs N] [--echo] [--ignore-eos] [--json]
+  lora-gateway generate --model DIR --batch FILE.jsonl
+  lora-gateway demo-model --out DIR [--adapters N] [--dtype F32|F16|BF16]
+  lora-gateway demo [--data DIR]
+
+Engine options (also LORA_GATEWAY_BACKEND, LORA_GATEWAY_MAX_LORA_RANK, LORA_GATEWAY_LORA_STRATEGY):
+  --backend auto|tensorflow|wasm|cpu   tensor backend (auto: tfjs-node-gpu, tfjs-node, then wasm)
+  --max-lora-rank N                    largest adapter rank accepted (default 64)
+  --lora-strategy auto|stacked|segmented
+`;
+
+const OPTIONS = {
+  model: { type: 'string' },
+  adapter: { type: 'string' },
+  prompt: { type: 'string' },
+  'prompt-ids': { type: 'string' },
+  'max-tokens': { type: 'string' },
+  temperature: { type: 'string' },
+  'top-p': { type: 'string' },
+  'top-k': { type: 'string' },
+  seed: { type: 'string' },
+  logprobs: { type: 'string' },
+  echo: { type: 'boolean' },
+  'ignore-eos': { type: 'boolean' },
+  json: { type: 'boolean' },
+  batch: { type: 'string' },
+  out: { type: 'string' },
+  adapters: { type: 'string' },
+  dtype: { type: 'string' },
+  data: { type: 'string' },
+  backend: { type: 'string' },
+  'max-lora-rank': { type: 'string' },
+  'lora-strategy': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+type Flags = ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>['values'];
+
+function num(v: string | undefined, name: string): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new LoraGatewayError('REQUEST_INVALID', `--${name} must be a number, got '${v}'`);
+  return n;
+}
+
+function logToStderr(line: string): void {
+  process.stderr.write(`${line}\n`);
+}
+
+async function openModel(config: EngineConfig, modelDir: string): Promise<GenerateContext> {
+  await resolveBackend(config.backend, logToStderr);
+  const model: LlamaModel = await loadLlamaModel(modelDir);
+  return { model, tokenizer: await loadTokenizerIfPresent(modelDir), config, adapters: new Map() };
+}
+
+async function generate(flags: Flags, config: EngineConfig): Promise<void> {
+  if (!flags.model) throw new LoraGatewayError('REQUEST_INVALID', 'generate needs --model DIR');
+  const ctx = await openModel(config, flags.model);
+  try {
+    if (flags.batch) {
+      ctx.baseDir = batchBaseDir(flags.batch);
+      const lines = await readBatchFile(flags.batch);
+      for (const out of await runBatchLines(ctx, lines)) process.stdout.write(`${JSON.stringify(out)}\n`);
+      return;
+    }
+    const line: BatchLine = {
+      prompt: flags.prompt,
+      prompt_ids: flags['prompt-ids']?.split(',').map((s) => Number(s.trim())),
+      adapter: flags.adapter ?? null,
+      max_tokens: num(flags['max-tokens'], 'max-tokens'),
+      temperature: num(flags.temperature, 'temperature'),
+      top_p: num(flags['top-p'], 'top-p'),
+      top_k: num(flags['top-k'], 'top-k'),
+      seed: num(flags.seed, 'seed'),
+      logprobs: num(flags.logprobs, 'logprobs'),
+      echo: flags.echo ?? false,
+      ignore_eos: flags['ignore-eos'] ?? false,
+    };
+    const [out] = await runBatchLines(ctx, [line]);
+    const asError = out as { error?: { code: string; message: string } };
+    if (asError.error) throw new LoraGatewayError(asError.error.code as LoraGatewayError['code'], asError.error.message);
+    if (flags.json) process.stdout.write(`${JSON.stringify(out)}\n`);
+    else process.stdout.write(`${(out as { text: string | null }).text ?? (out as { token_ids: number[] }).token_ids.join(',')}\n`);
+  } finally {
+    for (const a of ctx.adapters.values()) (await a.catch(() => undefined))?.dispose();
+    ctx.model.dispose();
+  }
+}
+
+async function demoModel(flags: Flags): Promise<void> {
+  if (!flags.out) throw new LoraGatewayError('REQUEST_INVALID', 'demo-model needs --out DIR');
+  const dtype = (flags.dtype ?? 'F32').toUpperCase();
+  if (dtype !== 'F32' && dtype !== 'F16' && dtype !== 'BF16') throw new LoraGatewayError('REQUEST_INVALID', `--dtype must be F32, F16 or BF16, got '${flags.dtype}'`);
+  const { adapterDirs } = await writeDemoModel(flags.out, { adapters: num(flags.adapters, 'adapters') ?? 4, dtype });
+  process.stdout.write(`wrote a demo model to ${flags.out} with ${adapterDirs.length} adapters under ${join(flags.out, 'adapters')}\n`);
+}
+
+/** `npm start`: make the demo model once, then run one heterogeneous batch over its adapters. */
+async function demo(flags: Flags, config: EngineConfig): Promise<void> {
+  const dir = resolve(flags.data ?? 'data/demo-model');
+  if (!existsSync(join(dir, 'config.json'))) {
+    logToStderr(`creating the demo model in ${dir} ...`);
+    await writeDemoModel(dir, { adapters: 4 });
+  }
+  const adapterNames = (await readdir(join(dir, 'adapters'))).sort();
+  const ctx = await openModel(config, dir);
+  try {
+    const lines = [null, ...adapterNames].map((name, i) => ({
+      id: name ?? 'base',
+      prompt: 'The quick brown fox',
+      adapter: name ? join(dir, 'adapters', name) : null,
+      max_tokens: 12,
+      temperature: 0,
+      ignore_eos: true,
+      seed: i,
+    }));
+    const results = await runBatchLines(ctx, lines);
+    logToStderr(`one batch, ${lines.length} sequences, each with its own adapter (random weights: the text is gibberish):`);
+    for (const r of results) process.stdout.write(`${JSON.stringify(r)}\n`);
+    logToStderr(`\ntry: npx lora-gateway generate --model ${dir} --adapter ${join(dir, 'adapters', adapterNames[0] ?? '')} --prompt "Hello" --logprobs 3 --json`);
+  } finally {
+    for (const a of ctx.adapters.values()) (await a.catch(() => undefined))?.dispose();
+    ctx.model.dispose();
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  const { values: flags, positionals } = parsed;
+  const command = positionals[0];
+  if (flags.help || !command) {
+    process.stdout.write(USAGE);
+    return command || flags.help ? 0 : 2;
+  }
+  try {
+    const config = engineConfigFrom(flags);
+    if (command === 'generate') await generate(flags, config);
+    else if (command === 'demo-model') await demoModel(flags);
+    else if (command === 'demo') await demo(flags, config);
+    else {
+      process.stderr.write(`unknown command '${command}'\n\n${USAGE}`);
+      return 2;
+    }
+    return 0;
+  } catch (err) {
+    if (err instanceof LoraGatewayError) {
+      process.stderr.write(`error ${err.code}: ${err.message}\n`);
+      return 1;
+    }
+    throw err;
+  }
+}
+
+const invokedDirectly = process.argv[1] && /main\.(ts|js)$/.test(process.argv[1]);
+if (invokedDirectly) {
+  main(process.argv.slice(2)).then((code) => process.exit(code));
+}

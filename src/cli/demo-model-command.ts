@@ -42,7 +42,7 @@ export async function writeDemoModel(dir: string, options: DemoModelOptions): Pr
     max_position_embeddings: 2048,
     rms_norm_eps: 1e-5,
     rope_theta: 10000,
-    tie_word_embeddings: true,
+    tie_word_embeddings: false,
     hidden_act: 'silu',
     bos_token_id: (tok.generationConfig as { bos_token_id?: number }).bos_token_id,
     eos_token_id: (tok.generationConfig as { eos_token_id?: number | number[] }).eos_token_id,

@@ -107,7 +107,7 @@ export function resultJson(ctx: GenerateContext, id: unknown, r: GenerationResul
     token_ids: r.tokenIds,
     text: ctx.tokenizer ? ctx.tokenizer.decode(r.tokenIds) : null,
     finish_reason: r.finishReason,
-    logprobs: (r.logprobs ?? []).map(scoredJson),
+    logprobs: r.logprobs.map(scoredJson),
     ...(r.promptLogprobs ? { prompt_logprobs: r.promptLogprobs.map(scoredJson) } : {}),
   };
 }

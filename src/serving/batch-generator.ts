@@ -28,7 +28,8 @@ export interface GenerationResult {
   promptIds: number[];
   tokenIds: number[];
   finishReason: 'stop' | 'length';
-  logprobs?: ScoredToken[];
+  /** Every generated token's logprob, with the top-N alternatives when requested. */
+  logprobs: ScoredToken[];
   /** [null, {token 1 given token 0}, ...] with echo. */
   promptLogprobs?: (ScoredToken | null)[];
 }
@@ -87,7 +88,7 @@ export async function generateBatch(model: LlamaModel, requests: GenerationReque
     promptIds: r.promptIds,
     tokenIds: [],
     finishReason: 'length',
-    ...(r.logprobs !== undefined ? { logprobs: [] } : {}),
+    logprobs: [],
     ...(r.echo ? { promptLogprobs: [null] } : {}),
   }));
   const caches = requests.map(() => model.newCache());
@@ -98,7 +99,7 @@ export async function generateBatch(model: LlamaModel, requests: GenerationReque
       const r = requests[i];
       const token = samplers[i].sample(row);
       results[i].tokenIds.push(token);
-      results[i].logprobs?.push(scored(row, token, r.logprobs ?? 0));
+      results[i].logprobs.push(scored(row, token, r.logprobs ?? 0));
       options.onToken?.(i, token);
       if (!r.ignoreEos && r.stopTokenIds.includes(token)) {
         results[i].finishReason = 'stop';

@@ -55,6 +55,11 @@ function matmulRate(n: number, reps: number): number {
   return (2 * n ** 3) / s;
 }
 
+function heapMB(): string {
+  const heap = (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }).wasm?.HEAPU8;
+  return heap ? (heap.length / 1e6).toFixed(0) : 'n/a';
+}
+
 /** Multiply-adds ×2 of one decode token: every projection, lm_head, and attention over ctx keys. */
 function flopsPerToken(c: ModelConfig, ctx: number): number {
   let linear = 0;
@@ -90,6 +95,7 @@ async function decodeRate(model: LlamaModel, batch: number, adapters: (LoraAdapt
     });
   };
   await step(); // warm-up: first-use kernel setup
+  if (process.env.BENCH_MEMORY) console.error(`  [memory] ${(tf.memory().numBytes / 1e6).toFixed(0)} MB in ${tf.memory().numTensors} tensors, wasm heap ${heapMB()} MB`);
   const t0 = performance.now();
   for (let s = 0; s < STEPS; s++) await step();
   const seconds = (performance.now() - t0) / 1000;
@@ -133,7 +139,7 @@ async function main(): Promise<void> {
   console.log('|---|---|---|---|---|');
   const ctx = PROMPT + STEPS / 2;
   const rows: { batch: number; label: string; rate: number }[] = [];
-  for (const batch of [1, 8, 32]) {
+  for (const batch of process.env.BENCH_SKIP_BASE ? [32] : [1, 8, 32]) {
     const rate = await decodeRate(model, batch, new Array(batch).fill(null), 'auto');
     rows.push({ batch, label: 'none', rate });
     const gflops = (rate * flopsPerToken(config, ctx)) / 1e9;

@@ -67,16 +67,22 @@ function decoderStack(model: LlamaModel, ids: Int32Array, positions: number[], l
   const { cos, sinSigned } = ropeTables(positions, model.invFreq);
   let h = tf.gather(model.weights.embed, tf.tensor1d(ids, 'int32')) as tf.Tensor2D;
   for (let l = 0; l < c.numLayers; l++) {
-    const w = model.weights.layers[l];
-    const x = rmsNorm(h, w.inputNorm, c.rmsNormEps);
-    const q = applyRope(tf.reshape(linear(model, lora, l, 'q_proj', x), [T, c.numHeads, c.headDim]), cos, sinSigned);
-    const k = applyRope(tf.reshape(linear(model, lora, l, 'k_proj', x), [T, c.numKvHeads, c.headDim]), cos, sinSigned);
-    const v = tf.reshape(linear(model, lora, l, 'v_proj', x), [T, c.numKvHeads, c.headDim]) as tf.Tensor3D;
-    h = tf.add(h, linear(model, lora, l, 'o_proj', attend(l, q, k, v)));
-    const x2 = rmsNorm(h, w.postAttentionNorm, c.rmsNormEps);
-    const gate = linear(model, lora, l, 'gate_proj', x2);
-    const up = linear(model, lora, l, 'up_proj', x2);
-    h = tf.add(h, linear(model, lora, l, 'down_proj', tf.mul(tf.mul(gate, tf.sigmoid(gate)), up)));
+    // One tidy per layer: an enclosing tidy alone would keep every layer's intermediates alive
+    // until the step ends (~3 GB at 512 prompt tokens on a 135M model, past wasm's 4 GB heap).
+    const next = tf.tidy(() => {
+      const w = model.weights.layers[l];
+      const x = rmsNorm(h, w.inputNorm, c.rmsNormEps);
+      const q = applyRope(tf.reshape(linear(model, lora, l, 'q_proj', x), [T, c.numHeads, c.headDim]), cos, sinSigned);
+      const k = applyRope(tf.reshape(linear(model, lora, l, 'k_proj', x), [T, c.numKvHeads, c.headDim]), cos, sinSigned);
+      const v = tf.reshape(linear(model, lora, l, 'v_proj', x), [T, c.numKvHeads, c.headDim]) as tf.Tensor3D;
+      const mid = tf.add(h, linear(model, lora, l, 'o_proj', attend(l, q, k, v))) as tf.Tensor2D;
+      const x2 = rmsNorm(mid, w.postAttentionNorm, c.rmsNormEps);
+      const gate = linear(model, lora, l, 'gate_proj', x2);
+      const up = linear(model, lora, l, 'up_proj', x2);
+      return tf.add(mid, linear(model, lora, l, 'down_proj', tf.mul(tf.mul(gate, tf.sigmoid(gate)), up) as tf.Tensor2D)) as tf.Tensor2D;
+    });
+    h.dispose();
+    h = next;
   }
   return rmsNorm(h, model.weights.finalNorm, c.rmsNormEps);
 }
@@ -133,29 +139,34 @@ export function forwardSequences(model: LlamaModel, steps: SequenceStep[], optio
     if (s.logits === 'all') for (let i = 0; i < s.tokens.length; i++) logitRows.push(start + i);
     else if (s.logits === 'last' && s.tokens.length > 0) logitRows.push(start + s.tokens.length - 1);
   }
-  const result = tf.tidy(() => {
-    const lora = new LoraBatch(segments, ids.length, { strategy: options.loraStrategy, stackCache: options.stackCache });
-    const masks = steps.map((s) => causalMask(s.tokens.length, s.cache?.length ?? 0, groups, c.slidingWindow));
-    const attend: Attend = (layer, q, k, v) => {
-      const outs = steps.map((s, i) => {
-        const { start, count: n } = segments[i];
-        const qs = tf.reshape(tf.transpose(tf.slice(q, [start, 0, 0], [n, -1, -1]), [1, 0, 2]), [c.numKvHeads, groups * n, c.headDim]);
-        const ksNew = tf.transpose(tf.slice(k, [start, 0, 0], [n, -1, -1]), [1, 2, 0]) as tf.Tensor3D;
-        const vsNew = tf.transpose(tf.slice(v, [start, 0, 0], [n, -1, -1]), [1, 0, 2]) as tf.Tensor3D;
-        const { kT, v: vs } = s.cache ? s.cache.append(layer, ksNew, vsNew) : { kT: ksNew, v: vsNew };
-        let scores = tf.mul(tf.matMul(qs, kT), scale);
-        const mask = masks[i];
-        if (mask) scores = tf.add(scores, mask);
-        const o = tf.matMul(tf.softmax(scores), vs); // [kvH, g·n, d]
-        return tf.reshape(tf.transpose(tf.reshape(o, [c.numHeads, n, c.headDim]), [1, 0, 2]), [n, c.numHeads * c.headDim]) as tf.Tensor2D;
-      });
-      return outs.length === 1 ? outs[0] : tf.concat(outs, 0);
-    };
-    const h = decoderStack(model, Int32Array.from(ids), positions, lora, attend);
-    if (logitRows.length === 0) return tf.zeros([0, c.vocabSize]) as tf.Tensor2D;
-    const rows = logitRows.length === ids.length ? h : (tf.gather(h, tf.tensor1d(logitRows, 'int32')) as tf.Tensor2D);
-    return tf.matMul(rows, model.weights.lmHeadT);
-  }) as tf.Tensor2D;
+  const lora = new LoraBatch(segments, ids.length, { strategy: options.loraStrategy, stackCache: options.stackCache });
+  let result: tf.Tensor2D;
+  try {
+    result = tf.tidy(() => {
+      const masks = steps.map((s) => causalMask(s.tokens.length, s.cache?.length ?? 0, groups, c.slidingWindow));
+      const attend: Attend = (layer, q, k, v) => {
+        const outs = steps.map((s, i) => {
+          const { start, count: n } = segments[i];
+          const qs = tf.reshape(tf.transpose(tf.slice(q, [start, 0, 0], [n, -1, -1]), [1, 0, 2]), [c.numKvHeads, groups * n, c.headDim]);
+          const ksNew = tf.transpose(tf.slice(k, [start, 0, 0], [n, -1, -1]), [1, 2, 0]) as tf.Tensor3D;
+          const vsNew = tf.transpose(tf.slice(v, [start, 0, 0], [n, -1, -1]), [1, 0, 2]) as tf.Tensor3D;
+          const { kT, v: vs } = s.cache ? s.cache.append(layer, ksNew, vsNew) : { kT: ksNew, v: vsNew };
+          let scores = tf.mul(tf.matMul(qs, kT), scale);
+          const mask = masks[i];
+          if (mask) scores = tf.add(scores, mask);
+          const o = tf.matMul(tf.softmax(scores), vs); // [kvH, g·n, d]
+          return tf.reshape(tf.transpose(tf.reshape(o, [c.numHeads, n, c.headDim]), [1, 0, 2]), [n, c.numHeads * c.headDim]) as tf.Tensor2D;
+        });
+        return outs.length === 1 ? outs[0] : tf.concat(outs, 0);
+      };
+      const h = decoderStack(model, Int32Array.from(ids), positions, lora, attend);
+      if (logitRows.length === 0) return tf.zeros([0, c.vocabSize]) as tf.Tensor2D;
+      const rows = logitRows.length === ids.length ? h : (tf.gather(h, tf.tensor1d(logitRows, 'int32')) as tf.Tensor2D);
+      return tf.matMul(rows, model.weights.lmHeadT);
+    }) as tf.Tensor2D;
+  } finally {
+    lora.dispose();
+  }
   for (const s of steps) s.cache?.commit(s.tokens.length);
   return result;
 }
@@ -185,23 +196,28 @@ export function forwardDecode(
     if (last && last.adapter === adapter) last.count++;
     else segments.push({ start: b, count: 1, adapter });
   });
-  const result = tf.tidy(() => {
-    const lora = new LoraBatch(segments, B, { strategy: options.loraStrategy, stackCache: options.stackCache });
-    const mask = batch.stepMask();
-    const attend: Attend = (layer, q, k, v) => {
-      const q4 = tf.reshape(q, [B, c.numKvHeads, groups, c.headDim]);
-      const { kT, v: vs } = batch.appendColumn(
-        layer,
-        tf.reshape(k, [B, c.numKvHeads, c.headDim, 1]),
-        tf.reshape(v, [B, c.numKvHeads, 1, c.headDim]),
-      );
-      let scores = tf.mul(tf.matMul(q4, kT), scale); // [B, kvH, g, C]
-      if (mask) scores = tf.add(scores, mask);
-      return tf.reshape(tf.matMul(tf.softmax(scores), vs), [B, c.numHeads * c.headDim]) as tf.Tensor2D;
-    };
-    const h = decoderStack(model, Int32Array.from(tokens), batch.lengths, lora, attend);
-    return tf.matMul(h, model.weights.lmHeadT);
-  }) as tf.Tensor2D;
+  const lora = new LoraBatch(segments, B, { strategy: options.loraStrategy, stackCache: options.stackCache });
+  let result: tf.Tensor2D;
+  try {
+    result = tf.tidy(() => {
+      const mask = batch.stepMask();
+      const attend: Attend = (layer, q, k, v) => {
+        const q4 = tf.reshape(q, [B, c.numKvHeads, groups, c.headDim]);
+        const { kT, v: vs } = batch.appendColumn(
+          layer,
+          tf.reshape(k, [B, c.numKvHeads, c.headDim, 1]),
+          tf.reshape(v, [B, c.numKvHeads, 1, c.headDim]),
+        );
+        let scores = tf.mul(tf.matMul(q4, kT), scale); // [B, kvH, g, C]
+        if (mask) scores = tf.add(scores, mask);
+        return tf.reshape(tf.matMul(tf.softmax(scores), vs), [B, c.numHeads * c.headDim]) as tf.Tensor2D;
+      };
+      const h = decoderStack(model, Int32Array.from(tokens), batch.lengths, lora, attend);
+      return tf.matMul(h, model.weights.lmHeadT);
+    }) as tf.Tensor2D;
+  } finally {
+    lora.dispose();
+  }
   batch.commit();
   return result;
 }

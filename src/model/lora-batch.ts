@@ -84,7 +84,7 @@ interface Participant {
  *               Few ops, but every row pays for every adapter's rank.
  *  - segmented: per adapter, gather its rows, two small matMuls, scatter back. Exact FLOPs,
  *               but ~4 ops per adapter.
- * All tensors it creates belong to the caller's tf.tidy, except stacks held by the cache.
+ * Deltas belong to the caller's tf.tidy; masks live until dispose(), stacks in the cache.
  */
 export class LoraBatch {
   private readonly segments: LoraRowSegment[];
@@ -106,6 +106,11 @@ export class LoraBatch {
     this.cost = options.cost ?? WASM_COST_MODEL;
     this.stackCache = options.stackCache;
     this.anyAdapter = segments.some((s) => s.adapter !== null && s.count > 0);
+  }
+
+  dispose(): void {
+    for (const m of this.masks.values()) m.dispose();
+    this.masks.clear();
   }
 
   /** The LoRA delta [T, out] for x [T, in] at one projection, or null when no row adapts it. */
@@ -168,7 +173,8 @@ export class LoraBatch {
         }
         col += p.weights.rank;
       }
-      mask = tf.tensor2d(m, [this.totalRows, totalRank]);
+      // kept past the per-layer tidy: every layer with the same adapters reuses it
+      mask = tf.keep(tf.tensor2d(m, [this.totalRows, totalRank]));
       this.masks.set(maskKey, mask);
     }
     return tf.matMul(tf.mul(tf.matMul(x, stack.aCat), mask) as tf.Tensor2D, stack.bCat);

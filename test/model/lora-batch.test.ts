@@ -82,10 +82,9 @@ describe('batched heterogeneous LoRA equals the per-row reference', () => {
         const x = rng.normalArray(T * c.inF, 1);
         const cache = new LoraStackCache();
         const before = tf.memory().numTensors;
-        const delta = tf.tidy(() => {
-          const lora = new LoraBatch(segments, T, { strategy, stackCache: cache });
-          return lora.delta(0, 'q_proj', tf.tensor2d(x, [T, c.inF])) ?? undefined;
-        }) as tf.Tensor2D | undefined;
+        const lora = new LoraBatch(segments, T, { strategy, stackCache: cache });
+        const delta = tf.tidy(() => lora.delta(0, 'q_proj', tf.tensor2d(x, [T, c.inF])) ?? undefined) as tf.Tensor2D | undefined;
+        lora.dispose();
         const want = referenceDelta(x, T, c.inF, c.outF, rowModule);
         if (rowModule.every((m) => !m)) {
           assert.equal(delta, undefined);
@@ -119,16 +118,18 @@ describe('batched heterogeneous LoRA equals the per-row reference', () => {
     const b = makeAdapter('b', 'q_proj', 8, 8, 8, rng).adapter;
     const cache = new LoraStackCache();
     for (let step = 0; step < 3; step++) {
+      const lora = new LoraBatch(
+        [
+          { start: 0, count: 1, adapter: a },
+          { start: 1, count: 1, adapter: b },
+        ],
+        2,
+        { strategy: 'stacked', stackCache: cache },
+      );
       tf.tidy(() => {
-        new LoraBatch(
-          [
-            { start: 0, count: 1, adapter: a },
-            { start: 1, count: 1, adapter: b },
-          ],
-          2,
-          { strategy: 'stacked', stackCache: cache },
-        ).delta(0, 'q_proj', tf.ones([2, 8]) as tf.Tensor2D);
+        lora.delta(0, 'q_proj', tf.ones([2, 8]) as tf.Tensor2D);
       });
+      lora.dispose();
     }
     assert.equal(cache.size, 1);
     cache.clear();

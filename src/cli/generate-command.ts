@@ -121,7 +121,11 @@ export function errorJson(id: unknown, err: unknown) {
  * Runs every valid line in ONE batch (each with its own adapter) and returns one output
  * object per input line, in input order; invalid lines get an error object instead.
  */
-export async function runBatchLines(ctx: GenerateContext, lines: unknown[]): Promise<object[]> {
+export async function runBatchLines(
+  ctx: GenerateContext,
+  lines: unknown[],
+  onToken?: (lineIndex: number, tokenId: number) => void,
+): Promise<object[]> {
   const out: object[] = new Array(lines.length);
   const valid: { index: number; id: unknown; request: GenerationRequest }[] = [];
   for (let i = 0; i < lines.length; i++) {
@@ -133,7 +137,11 @@ export async function runBatchLines(ctx: GenerateContext, lines: unknown[]): Pro
     }
   }
   if (valid.length > 0) {
-    const results = await generateBatch(ctx.model, valid.map((v) => v.request), { loraStrategy: ctx.config.loraStrategy });
+    const results = await generateBatch(
+      ctx.model,
+      valid.map((v) => v.request),
+      { loraStrategy: ctx.config.loraStrategy, onToken: onToken && ((k, token) => onToken(valid[k].index, token)) },
+    );
     valid.forEach((v, k) => (out[v.index] = resultJson(ctx, v.id, results[k])));
   }
   return out;

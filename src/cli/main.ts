@@ -1,7 +1,8 @@
 #!/usr/bin/env node
-import { existsSync } from 'node:fs';
+import { existsSync, realpathSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { engineConfigFrom, type EngineConfig } from '../config.js';
 import { LoraGatewayError } from '../errors.js';
@@ -94,11 +95,14 @@ async function generate(flags: Flags, config: EngineConfig): Promise<void> {
       echo: flags.echo ?? false,
       ignore_eos: flags['ignore-eos'] ?? false,
     };
-    const [out] = await runBatchLines(ctx, [line]);
+    // Plain output streams text as tokens arrive; the decoder never splits a UTF-8 character.
+    const stream = !flags.json && ctx.tokenizer ? ctx.tokenizer.createStreamDecoder() : undefined;
+    const [out] = await runBatchLines(ctx, [line], stream && ((_, token) => process.stdout.write(stream.push(token))));
     const asError = out as { error?: { code: string; message: string } };
     if (asError.error) throw new LoraGatewayError(asError.error.code as LoraGatewayError['code'], asError.error.message);
     if (flags.json) process.stdout.write(`${JSON.stringify(out)}\n`);
-    else process.stdout.write(`${(out as { text: string | null }).text ?? (out as { token_ids: number[] }).token_ids.join(',')}\n`);
+    else if (stream) process.stdout.write(`${stream.flush()}\n`);
+    else process.stdout.write(`${(out as { token_ids: number[] }).token_ids.join(',')}\n`);
   } finally {
     for (const a of ctx.adapters.values()) (await a.catch(() => undefined))?.dispose();
     ctx.model.dispose();
@@ -135,7 +139,7 @@ async function demo(flags: Flags, config: EngineConfig): Promise<void> {
     const results = await runBatchLines(ctx, lines);
     logToStderr(`one batch, ${lines.length} sequences, each with its own adapter (random weights: the text is gibberish):`);
     for (const r of results) process.stdout.write(`${JSON.stringify(r)}\n`);
-    logToStderr(`\ntry: npx lora-gateway generate --model ${dir} --adapter ${join(dir, 'adapters', adapterNames[0] ?? '')} --prompt "Hello" --logprobs 3 --json`);
+    logToStderr(`\ntry: node dist/cli/main.js generate --model ${dir} --adapter ${join(dir, 'adapters', adapterNames[0] ?? '')} --prompt "Hello" --logprobs 3 --json`);
   } finally {
     for (const a of ctx.adapters.values()) (await a.catch(() => undefined))?.dispose();
     ctx.model.dispose();
@@ -175,7 +179,8 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-const invokedDirectly = process.argv[1] && /main\.(ts|js)$/.test(process.argv[1]);
+// Run when executed (also through npm's bin symlink), not when imported by tests.
+const invokedDirectly = process.argv[1] !== undefined && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
 if (invokedDirectly) {
   main(process.argv.slice(2)).then((code) => process.exit(code));
 }

@@ -218,6 +218,18 @@ describe('the lora-gateway command', () => {
     assert.equal(lines[1].prompt_logprobs[0], null);
   });
 
+  test('demo-model writes a loadable model with adapters; streamed text equals the JSON text', async () => {
+    const dir = join(root, 'demo');
+    const cli = (...args: string[]) => run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args]);
+    await cli('demo-model', '--out', dir, '--adapters', '2', '--dtype', 'BF16');
+    const common = ['generate', '--model', dir, '--adapter', join(dir, 'adapters', 'demo-1'), '--prompt', 'café naïve', '--max-tokens', '10', '--ignore-eos', '--temperature', '0.9', '--seed', '5'];
+    const plain = await cli(...common);
+    const json = JSON.parse((await cli(...common, '--json')).stdout);
+    assert.equal(json.token_ids.length, 10);
+    assert.equal(plain.stdout, `${json.text}\n`);
+    assert.ok(!plain.stdout.includes('\uFFFD') || json.text.includes('\uFFFD'));
+  });
+
   test('a bad model folder exits 1 with the error code on stderr', async () => {
     const empty = join(root, 'empty');
     await writeModelFolder(empty, TINY_CONFIGS.gqa, randomLlamaWeights(TINY_CONFIGS.gqa, 1));

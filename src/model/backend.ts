@@ -4,6 +4,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs';
 import '@tensorflow/tfjs-backend-wasm';
 import { ConfigError } from '../errors.js';
+import { installWasmKernels } from './wasm-kernels.js';
 
 export type BackendChoice = 'auto' | 'tensorflow' | 'wasm' | 'cpu';
 
@@ -37,6 +38,7 @@ async function useBuiltin(name: 'wasm' | 'cpu'): Promise<ResolvedBackend> {
   const ok = await tf.setBackend(name);
   if (!ok) throw new ConfigError('BACKEND_UNAVAILABLE', `tfjs backend '${name}' failed to initialise`);
   await tf.ready();
+  if (name === 'wasm') installWasmKernels();
   return { name, source: name === 'wasm' ? '@tensorflow/tfjs-backend-wasm' : '@tensorflow/tfjs-backend-cpu' };
 }
 

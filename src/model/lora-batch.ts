@@ -13,14 +13,17 @@ export type LoraStrategy = 'auto' | 'stacked' | 'segmented';
 
 /**
  * Costs of the wasm backend that decide between strategies, measured on the development
- * machine (see BENCHMARKS.md): ~16 GFLOP/s for matMul, ~20 µs fixed cost per small op.
+ * machine (see BENCHMARKS.md): ~16 GFLOP/s for matMul, ~20 µs fixed cost per small op,
+ * ~4 ns per float for element-wise ops and copies.
  */
 export interface LoraCostModel {
   flopsPerSecond: number;
   secondsPerOp: number;
+  /** Element-wise ops (slice, multiply, concat) per float touched. */
+  secondsPerElement: number;
 }
 
-export const WASM_COST_MODEL: LoraCostModel = { flopsPerSecond: 16e9, secondsPerOp: 20e-6 };
+export const WASM_COST_MODEL: LoraCostModel = { flopsPerSecond: 16e9, secondsPerOp: 20e-6, secondsPerElement: 4e-9 };
 
 let nextSerial = 1;
 const serials = new WeakMap<LoraAdapter, number>();
@@ -82,8 +85,8 @@ interface Participant {
  * Two equivalent strategies, chosen per module by a cost model:
  *  - stacked:   (x · [A_1ᵀ … A_nᵀ]) ⊙ M · [B_1ᵀ; …; B_nᵀ], M[t, cols of a] = s_a if a(t) = a else 0.
  *               Few ops, but every row pays for every adapter's rank.
- *  - segmented: per adapter, gather its rows, two small matMuls, scatter back. Exact FLOPs,
- *               but ~4 ops per adapter.
+ *  - segmented: per run of rows sharing an adapter, slice, two small matMuls, scale; concat
+ *               the runs back in row order. Exact FLOPs, but ~4 ops per run.
  * Deltas belong to the caller's tf.tidy; masks live until dispose(), stacks in the cache.
  */
 export class LoraBatch {
@@ -94,6 +97,8 @@ export class LoraBatch {
   private readonly stackCache: LoraStackCache | undefined;
   private readonly masks = new Map<string, tf.Tensor2D>();
   private readonly anyAdapter: boolean;
+  /** The path the last delta() took, for benchmarks and diagnostics. */
+  lastChoice: 'single' | 'stacked' | 'segmented' | undefined;
 
   constructor(
     segments: LoraRowSegment[],
@@ -122,10 +127,12 @@ export class LoraBatch {
     const inFeatures = x.shape[1];
     if (participants.length === 1 && participants[0].rows === this.totalRows) {
       const w = participants[0].weights;
+      this.lastChoice = 'single';
       return tf.mul(tf.matMul(tf.matMul(x, w.aT), w.bT), w.scale) as tf.Tensor2D;
     }
-    const choice = this.strategy === 'auto' ? this.cheaper(participants, inFeatures + outFeatures) : this.strategy;
-    return choice === 'stacked' ? this.stacked(layer, proj, x, participants) : this.segmented(x, participants, outFeatures);
+    const choice = this.strategy === 'auto' ? this.cheaper(layer, proj, participants, inFeatures, outFeatures) : this.strategy;
+    this.lastChoice = choice;
+    return choice === 'stacked' ? this.stacked(layer, proj, x, participants) : this.segmented(x, layer, proj, outFeatures);
   }
 
   private participants(layer: number, proj: ProjectionName): Participant[] {
@@ -142,12 +149,16 @@ export class LoraBatch {
     return [...byAdapter.values()];
   }
 
-  private cheaper(ps: Participant[], inPlusOut: number): 'stacked' | 'segmented' {
-    const { flopsPerSecond: f, secondsPerOp: o } = this.cost;
+  private cheaper(layer: number, proj: ProjectionName, ps: Participant[], inF: number, outF: number): 'stacked' | 'segmented' {
+    const { flopsPerSecond: f, secondsPerOp: o, secondsPerElement: e } = this.cost;
+    const T = this.totalRows;
     const totalRank = ps.reduce((s, p) => s + p.weights.rank, 0);
-    const stacked = (2 * this.totalRows * totalRank * inPlusOut) / f + 4 * o;
-    const exactFlops = ps.reduce((s, p) => s + 2 * p.rows * p.weights.rank * inPlusOut, 0);
-    const segmented = exactFlops / f + (4 * ps.length + 2) * o;
+    // stacked: every row pays every rank; one mask multiply over [T, R]
+    const stacked = (2 * T * totalRank * (inF + outF)) / f + 3 * o + T * totalRank * e;
+    // segmented: exact FLOPs, ~4 ops per run of rows, row copies in (slice) and out (scale, concat)
+    const runs = this.runs(layer, proj);
+    const exactFlops = runs.reduce((s, r) => s + (r.weights ? 2 * r.count * r.weights.rank * (inF + outF) : 0), 0);
+    const segmented = exactFlops / f + (4 * runs.length + 1) * o + T * (inF + 2 * outF) * e;
     return stacked <= segmented ? 'stacked' : 'segmented';
   }
 
@@ -180,29 +191,27 @@ export class LoraBatch {
     return tf.matMul(tf.mul(tf.matMul(x, stack.aCat), mask) as tf.Tensor2D, stack.bCat);
   }
 
-  private segmented(x: tf.Tensor2D, ps: Participant[], outFeatures: number): tf.Tensor2D {
-    const pieces: tf.Tensor2D[] = [];
-    // position[t] = row of the concatenated pieces that holds row t's delta
-    const position = new Int32Array(this.totalRows).fill(-1);
-    let next = 0;
-    for (const p of ps) {
-      let xa: tf.Tensor2D;
-      if (p.segments.length === 1) {
-        const seg = p.segments[0];
-        xa = tf.slice(x, [seg.start, 0], [seg.count, -1]);
-      } else {
-        const idx: number[] = [];
-        for (const seg of p.segments) for (let t = seg.start; t < seg.start + seg.count; t++) idx.push(t);
-        xa = tf.gather(x, tf.tensor1d(idx, 'int32'));
-      }
-      for (const seg of p.segments) for (let t = seg.start; t < seg.start + seg.count; t++) position[t] = next++;
-      pieces.push(tf.mul(tf.matMul(tf.matMul(xa, p.weights.aT), p.weights.bT), p.weights.scale) as tf.Tensor2D);
+  /** Consecutive rows that share one module weight (or none), in row order. */
+  private runs(layer: number, proj: ProjectionName): { start: number; count: number; weights: LoraModuleWeights | undefined }[] {
+    const runs: { start: number; count: number; weights: LoraModuleWeights | undefined }[] = [];
+    for (const seg of this.segments) {
+      if (seg.count === 0) continue;
+      const weights = seg.adapter?.module(layer, proj);
+      const last = runs[runs.length - 1];
+      if (last && last.weights === weights && last.start + last.count === seg.start) last.count += seg.count;
+      else runs.push({ start: seg.start, count: seg.count, weights });
     }
-    if (next < this.totalRows) {
-      pieces.push(tf.zeros([1, outFeatures]));
-      for (let t = 0; t < this.totalRows; t++) if (position[t] < 0) position[t] = next;
-    }
-    const all = pieces.length === 1 ? pieces[0] : tf.concat(pieces, 0);
-    return tf.gather(all, tf.tensor1d(position, 'int32')) as tf.Tensor2D;
+    return runs;
+  }
+
+  private segmented(x: tf.Tensor2D, layer: number, proj: ProjectionName, outFeatures: number): tf.Tensor2D {
+    // Row slices and one concat in row order: tf.gather is avoided because the wasm kernel
+    // copies element by element (17 ms for 512×576 here, vs 0.3 ms for a concat).
+    const pieces = this.runs(layer, proj).map(({ start, count, weights }) =>
+      weights
+        ? (tf.mul(tf.matMul(tf.matMul(tf.slice(x, [start, 0], [count, -1]), weights.aT), weights.bT), weights.scale) as tf.Tensor2D)
+        : (tf.zeros([count, outFeatures]) as tf.Tensor2D),
+    );
+    return pieces.length === 1 ? pieces[0] : tf.concat(pieces, 0);
   }
 }

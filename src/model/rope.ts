@@ -62,8 +62,8 @@ export function ropeTables(positions: ArrayLike<number>, invFreq: Float64Array):
 
 /** Applies RoPE to x [T, heads, d] with tables from ropeTables. */
 export function applyRope(x: tf.Tensor3D, cos: tf.Tensor3D, sinSigned: tf.Tensor3D): tf.Tensor3D {
-  const d = x.shape[2];
-  const [x1, x2] = tf.split(x, [d / 2, d / 2], 2);
-  const swapped = tf.concat([x2, x1], 2);
+  const half = x.shape[2] / 2;
+  // two slices, not tf.split: the wasm SplitV kernel copies the whole input once per piece
+  const swapped = tf.concat([tf.slice(x, [0, 0, half], [-1, -1, half]), tf.slice(x, [0, 0, 0], [-1, -1, half])], 2);
   return tf.add(tf.mul(x, cos), tf.mul(swapped, sinSigned));
 }

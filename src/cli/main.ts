@@ -72,6 +72,11 @@ async function openModel(config: EngineConfig, modelDir: string): Promise<Genera
   return { model, tokenizer: await loadTokenizerIfPresent(modelDir), config, adapters: new Map() };
 }
 
+async function closeModel(ctx: GenerateContext): Promise<void> {
+  for (const a of ctx.adapters.values()) (await a.catch(() => undefined))?.dispose();
+  ctx.model.dispose();
+}
+
 async function generate(flags: Flags, config: EngineConfig): Promise<void> {
   if (!flags.model) throw new LoraGatewayError('REQUEST_INVALID', 'generate needs --model DIR');
   const ctx = await openModel(config, flags.model);
@@ -104,8 +109,7 @@ async function generate(flags: Flags, config: EngineConfig): Promise<void> {
     else if (stream) process.stdout.write(`${stream.flush()}\n`);
     else process.stdout.write(`${(out as { token_ids: number[] }).token_ids.join(',')}\n`);
   } finally {
-    for (const a of ctx.adapters.values()) (await a.catch(() => undefined))?.dispose();
-    ctx.model.dispose();
+    await closeModel(ctx);
   }
 }
 
@@ -141,8 +145,7 @@ async function demo(flags: Flags, config: EngineConfig): Promise<void> {
     for (const r of results) process.stdout.write(`${JSON.stringify(r)}\n`);
     logToStderr(`\ntry: node dist/cli/main.js generate --model ${dir} --adapter ${join(dir, 'adapters', adapterNames[0] ?? '')} --prompt "Hello" --logprobs 3 --json`);
   } finally {
-    for (const a of ctx.adapters.values()) (await a.catch(() => undefined))?.dispose();
-    ctx.model.dispose();
+    await closeModel(ctx);
   }
 }
 

@@ -3,9 +3,9 @@ import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ModelFormatError, type ErrorCode } from '../../src/errors.js';
 import { openCheckpoint, type CheckpointEntry } from '../../src/model/checkpoint.js';
 import { writeSafetensors, type TensorToWrite } from '../../src/model/safetensors.js';
+import { hasCode } from '../helpers/error-matchers.js';
 
 const root = await mkdtemp(join(tmpdir(), 'checkpoint-test-'));
 after(() => rm(root, { recursive: true, force: true }));
@@ -39,15 +39,6 @@ const threeShardMap = {
   norm: 'model-00003-of-00003.safetensors',
   head: 'model-00003-of-00003.safetensors',
 };
-
-function hasCode(code: ErrorCode, ...mentions: string[]) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof ModelFormatError, `expected ModelFormatError, got ${String(err)}`);
-    assert.equal(err.code, code, err.message);
-    for (const m of mentions) assert.ok(err.message.includes(m), `message '${err.message}' should mention '${m}'`);
-    return true;
-  };
-}
 
 async function readAll(dir: string, names?: Set<string>): Promise<Map<string, { entry: CheckpointEntry; values: number[] }>> {
   const ckpt = await openCheckpoint(dir);

@@ -3,13 +3,14 @@ import assert from 'node:assert/strict';
 import { mkdtemp, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ModelFormatError, type ErrorCode } from '../../src/errors.js';
+import type { ErrorCode } from '../../src/errors.js';
 import {
   encodeSafetensors,
   SafetensorsReader,
   writeSafetensors,
   type TensorEntry,
 } from '../../src/model/safetensors.js';
+import { hasCode } from '../helpers/error-matchers.js';
 
 const dir = await mkdtemp(join(tmpdir(), 'safetensors-test-'));
 after(() => rm(dir, { recursive: true, force: true }));
@@ -49,15 +50,6 @@ async function readAll(path: string, names?: Set<string>): Promise<{ entry: Tens
     await reader.close();
   }
   return out;
-}
-
-function hasCode(code: ErrorCode, ...mentions: string[]) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof ModelFormatError, `expected ModelFormatError, got ${String(err)}`);
-    assert.equal(err.code, code, err.message);
-    for (const m of mentions) assert.ok(err.message.includes(m), `message '${err.message}' should mention '${m}'`);
-    return true;
-  };
 }
 
 async function rejectsOpen(path: string, code: ErrorCode, ...mentions: string[]): Promise<void> {

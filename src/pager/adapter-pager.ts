@@ -1,0 +1,178 @@
+import { LRUCache } from 'lru-cache';
+import type { LoraAdapter } from '../model/lora-adapter.js';
+import type { ModelConfig } from '../model/model-config.js';
+import { uploadAdapter, type HostLoraAdapter } from '../model/peft-adapter-reader.js';
+import type { AdapterRecord, AdapterStore } from './adapter-store.js';
+import type { PagePool } from './page-pool.js';
+import { adapterPages } from './page-sizes.js';
+
+/** Where one adapter version is: LoRAX's explicit lifecycle. */
+export type AdapterResidence = 'disk' | 'host' | 'device';
+
+export interface AdapterPagerOptions {
+  /** Bound of the host tier in bytes of float32 A/B data. */
+  hostMemoryBytes: number;
+}
+
+interface DeviceEntry {
+  adapter: LoraAdapter;
+  pins: number;
+  lastUsed: number;
+}
+
+export interface PagerCounters {
+  hostHits: number;
+  hostMisses: number;
+  deviceLoads: number;
+  deviceEvictions: number;
+  hostEvictions: number;
+}
+
+function keyOf(r: AdapterRecord): string {
+  return `${r.id}@${r.version}`;
+}
+
+function hostBytes(h: HostLoraAdapter): number {
+  return h.modules.reduce((s, m) => s + (m.a.length + m.b.length) * 4, 0);
+}
+
+/**
+ * Moves adapter versions between disk (the AdapterStore), host memory (an LRU bounded in
+ * bytes) and device memory (pages of the shared PagePool). Adapters used by running
+ * sequences are pinned; unpinned ones are evicted least-recently-used when pages are
+ * needed. All loads and evictions run on one queue, in order, so callers never race a load.
+ */
+export class AdapterPager {
+  private readonly store: AdapterStore;
+  private readonly pool: PagePool;
+  private readonly model: ModelConfig;
+  private readonly host: LRUCache<string, HostLoraAdapter>;
+  private readonly device = new Map<string, DeviceEntry>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private clock = 0;
+  readonly counters: PagerCounters = { hostHits: 0, hostMisses: 0, deviceLoads: 0, deviceEvictions: 0, hostEvictions: 0 };
+
+  constructor(store: AdapterStore, pool: PagePool, model: ModelConfig, options: AdapterPagerOptions) {
+    this.store = store;
+    this.pool = pool;
+    this.model = model;
+    this.host = new LRUCache<string, HostLoraAdapter>({
+      maxSize: Math.max(1, options.hostMemoryBytes),
+      sizeCalculation: (h) => Math.max(1, hostBytes(h)),
+      dispose: (_value, _key, reason) => {
+        if (reason === 'evict') this.counters.hostEvictions++;
+      },
+    });
+  }
+
+  residence(record: AdapterRecord): AdapterResidence {
+    const key = keyOf(record);
+    if (this.device.has(key)) return 'device';
+    return this.host.has(key) ? 'host' : 'disk';
+  }
+
+  /** Pages this version needs on device. */
+  pagesFor(host: HostLoraAdapter): number {
+    return adapterPages(this.model, host.modules.map((m) => m.spec));
+  }
+
+  private enqueue<T>(task: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(task, task);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Reads a version into the host tier (no device pages); used to prefetch waiting requests' adapters. */
+  prefetch(record: AdapterRecord): Promise<HostLoraAdapter> {
+    return this.enqueue(() => this.toHost(record));
+  }
+
+  private async toHost(record: AdapterRecord): Promise<HostLoraAdapter> {
+    const key = keyOf(record);
+    const cached = this.host.get(key);
+    if (cached) {
+      this.counters.hostHits++;
+      return cached;
+    }
+    this.counters.hostMisses++;
+    const h = await this.store.readHost(record);
+    this.host.set(key, h);
+    return h;
+  }
+
+  /**
+   * Makes a version resident on device and pins it, evicting unpinned adapters LRU if pages
+   * are short. Resolves to undefined when it cannot fit even after evicting everything
+   * unpinned (the caller retries once pinned adapters or KV pages are released).
+   */
+  acquire(record: AdapterRecord): Promise<LoraAdapter | undefined> {
+    const key = keyOf(record);
+    const resident = this.device.get(key);
+    if (resident) {
+      resident.pins++;
+      resident.lastUsed = ++this.clock;
+      return Promise.resolve(resident.adapter);
+    }
+    return this.enqueue(async () => {
+      const again = this.device.get(key);
+      if (again) {
+        again.pins++;
+        again.lastUsed = ++this.clock;
+        return again.adapter;
+      }
+      const h = await this.toHost(record);
+      const pages = this.pagesFor(h);
+      while (!this.pool.reserve(`adapter:${key}`, 'adapter', pages)) {
+        if (!this.evictOne()) return undefined;
+      }
+      const adapter = uploadAdapter(h, this.model);
+      this.device.set(key, { adapter, pins: 1, lastUsed: ++this.clock });
+      this.counters.deviceLoads++;
+      return adapter;
+    });
+  }
+
+  release(record: AdapterRecord): void {
+    const e = this.device.get(keyOf(record));
+    if (e && e.pins > 0) e.pins--;
+  }
+
+  /** Evicts the least-recently-used unpinned device adapter; false when none is unpinned. */
+  evictOne(): boolean {
+    let victim: [string, DeviceEntry] | undefined;
+    for (const entry of this.device) {
+      if (entry[1].pins === 0 && (!victim || entry[1].lastUsed < victim[1].lastUsed)) victim = entry;
+    }
+    if (!victim) return false;
+    this.device.delete(victim[0]);
+    victim[1].adapter.dispose();
+    this.pool.release(`adapter:${victim[0]}`);
+    this.counters.deviceEvictions++;
+    return true;
+  }
+
+  /** Drops a version from every tier (it must be unpinned), e.g. after delete. */
+  forget(record: AdapterRecord): void {
+    const key = keyOf(record);
+    const e = this.device.get(key);
+    if (e) {
+      this.device.delete(key);
+      e.adapter.dispose();
+      this.pool.release(`adapter:${key}`);
+    }
+    this.host.delete(key);
+  }
+
+  deviceResident(): { key: string; pins: number }[] {
+    return [...this.device].map(([key, e]) => ({ key, pins: e.pins }));
+  }
+
+  dispose(): void {
+    for (const [key, e] of this.device) {
+      e.adapter.dispose();
+      this.pool.release(`adapter:${key}`);
+    }
+    this.device.clear();
+    this.host.clear();
+  }
+}

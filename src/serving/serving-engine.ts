@@ -1,0 +1,50 @@
+import type { SamplingParams } from './sampler.js';
+import type { GenerationResult, ScoredToken } from './batch-generator.js';
+import type { AdapterRecord, AdapterFiles } from '../pager/adapter-store.js';
+import type { ModelConfig } from '../model/model-config.js';
+import type { TextTokenizer } from '../model/tokenizer.js';
+
+/**
+ * What the HTTP layer asks of the serving side. The API parses and validates HTTP, turns
+ * text into token ids with `tokenizer`, and calls these; everything about batching, paging
+ * and adapter residency stays behind this interface.
+ */
+export interface CompletionRequest {
+  /** null = the base model. */
+  adapterId: string | null;
+  promptIds: number[];
+  maxTokens: number;
+  sampling: SamplingParams;
+  /** Top-N logprobs per generated token (0..20); undefined = none requested. */
+  logprobs?: number;
+  echo?: boolean;
+  ignoreEos?: boolean;
+  /** Aborting cancels the request; its pages are freed at the next step. */
+  signal?: AbortSignal;
+}
+
+export interface TokenEvent {
+  /** The generated token with its logprob and top alternatives (top is empty unless requested). */
+  token: ScoredToken;
+}
+
+export interface ServingEngine {
+  readonly modelId: string;
+  readonly model: ModelConfig;
+  readonly tokenizer: TextTokenizer | undefined;
+  /**
+   * Runs one request to completion, calling onToken for each generated token as it is
+   * sampled. Rejects with a LoraGatewayError: ADAPTER_NOT_FOUND, REQUEST_INVALID,
+   * CONTEXT_LENGTH_EXCEEDED, QUEUE_FULL (→ HTTP 429), REQUEST_CANCELLED.
+   */
+  complete(request: CompletionRequest, onToken?: (event: TokenEvent) => void): Promise<GenerationResult>;
+  listAdapters(): AdapterRecord[];
+  getAdapter(id: string): AdapterRecord | undefined;
+  /** Validates fully, then stores a new version; in-flight requests finish on the old one. */
+  putAdapter(id: string, files: AdapterFiles): Promise<AdapterRecord>;
+  /** Waits for in-flight requests on the adapter, then removes it. */
+  deleteAdapter(id: string): Promise<AdapterRecord>;
+  /** Registers an adapter folder on disk (vLLM's load_lora_adapter). */
+  loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord>;
+  close(): Promise<void>;
+}

@@ -34,6 +34,8 @@ export type ErrorCode =
   | 'ADAPTER_WEIGHTS_INVALID'
   // requests and configuration
   | 'REQUEST_INVALID'
+  | 'REQUEST_CANCELLED'
+  | 'QUEUE_FULL'
   | 'CONTEXT_LENGTH_EXCEEDED'
   | 'CONFIG_INVALID'
   | 'BACKEND_UNAVAILABLE';

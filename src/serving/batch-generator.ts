@@ -60,7 +60,7 @@ export function validateRequest(model: LlamaModel, r: GenerationRequest): void {
   }
 }
 
-function scored(row: Float32Array, tokenId: number, n: number): ScoredToken {
+export function scored(row: Float32Array, tokenId: number, n: number): ScoredToken {
   const lp = logSoftmax(row);
   return { tokenId, logprob: lp[tokenId], top: topLogprobs(lp, n) };
 }

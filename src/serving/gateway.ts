@@ -1,0 +1,131 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { AdapterError } from '../errors.js';
+import type { LlamaModel } from '../model/llama-model.js';
+import type { LoraStrategy } from '../model/lora-batch.js';
+import type { ModelConfig } from '../model/model-config.js';
+import type { TextTokenizer } from '../model/tokenizer.js';
+import { AdapterPager } from '../pager/adapter-pager.js';
+import { AdapterStore, type AdapterFiles, type AdapterRecord } from '../pager/adapter-store.js';
+import { PagePool } from '../pager/page-pool.js';
+import { pageBytes } from '../pager/page-sizes.js';
+import type { GenerationResult } from './batch-generator.js';
+import { ContinuousBatcher, type BatcherLimits, type StepInfo } from './continuous-batcher.js';
+import type { CompletionRequest, ServingEngine, TokenEvent } from './serving-engine.js';
+
+export interface GatewayOptions {
+  modelId: string;
+  model: LlamaModel;
+  tokenizer: TextTokenizer | undefined;
+  /** Where uploaded and registered adapters are stored. */
+  storeDir: string;
+  /** Device page budget for KV cache + adapters, in bytes. */
+  deviceMemoryBytes: number;
+  hostMemoryBytes: number;
+  maxLoraRank: number;
+  limits: BatcherLimits;
+  loraStrategy?: LoraStrategy;
+  onStep?: (info: StepInfo) => void;
+}
+
+/**
+ * The serving side assembled: adapter store (disk) → pager (host/device tiers over one page
+ * pool) → continuous batcher. This is the ServingEngine the HTTP API talks to.
+ */
+export class Gateway implements ServingEngine {
+  readonly modelId: string;
+  readonly model: ModelConfig;
+  readonly tokenizer: TextTokenizer | undefined;
+  readonly pool: PagePool;
+  readonly pager: AdapterPager;
+  private readonly store: AdapterStore;
+  private readonly batcher: ContinuousBatcher;
+  private readonly llama: LlamaModel;
+  private readonly maxLoraRank: number;
+
+  private constructor(options: GatewayOptions, store: AdapterStore) {
+    this.modelId = options.modelId;
+    this.llama = options.model;
+    this.model = options.model.config;
+    this.tokenizer = options.tokenizer;
+    this.store = store;
+    this.maxLoraRank = options.maxLoraRank;
+    this.pool = new PagePool(Math.floor(options.deviceMemoryBytes / pageBytes(this.model)));
+    this.pager = new AdapterPager(store, this.pool, this.model, { hostMemoryBytes: options.hostMemoryBytes });
+    const stopTokenIds = [...new Set([...this.model.eosTokenIds, ...(options.tokenizer?.eosTokenIds ?? [])])];
+    this.batcher = new ContinuousBatcher({
+      model: options.model,
+      store,
+      pager: this.pager,
+      pool: this.pool,
+      limits: options.limits,
+      stopTokenIds,
+      loraStrategy: options.loraStrategy,
+      onStep: options.onStep,
+    });
+  }
+
+  static async create(options: GatewayOptions): Promise<Gateway> {
+    return new Gateway(options, await AdapterStore.open(options.storeDir, options.model.config, options.maxLoraRank));
+  }
+
+  get runningCount(): number {
+    return this.batcher.runningCount;
+  }
+
+  get waitingCount(): number {
+    return this.batcher.waitingCount;
+  }
+
+  complete(request: CompletionRequest, onToken?: (event: TokenEvent) => void): Promise<GenerationResult> {
+    return this.batcher.submit(request, onToken);
+  }
+
+  listAdapters(): AdapterRecord[] {
+    return this.store.list();
+  }
+
+  getAdapter(id: string): AdapterRecord | undefined {
+    return this.store.get(id);
+  }
+
+  putAdapter(id: string, files: AdapterFiles): Promise<AdapterRecord> {
+    return this.store.put(id, files);
+  }
+
+  async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {
+    let files: AdapterFiles;
+    try {
+      files = {
+        config: await readFile(join(dir, 'adapter_config.json')),
+        weights: await readFile(join(dir, 'adapter_model.safetensors')),
+      };
+    } catch (err) {
+      throw new AdapterError('ADAPTER_CONFIG_INVALID', `${dir}: cannot read adapter_config.json and adapter_model.safetensors`, { cause: err });
+    }
+    return this.store.put(id, files);
+  }
+
+  async deleteAdapter(id: string): Promise<AdapterRecord> {
+    const record = this.store.get(id);
+    if (!record) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' does not exist`);
+    await this.batcher.drain(id);
+    for (let v = 1; v <= record.version; v++) this.pager.forget({ ...record, version: v });
+    return this.store.delete(id);
+  }
+
+  /** Where an adapter's latest version lives now: disk, host or device. */
+  residence(record: AdapterRecord): 'disk' | 'host' | 'device' {
+    return this.pager.residence(record);
+  }
+
+  async close(): Promise<void> {
+    this.batcher.close();
+    this.pager.dispose();
+    this.llama.dispose();
+  }
+
+  get maxRank(): number {
+    return this.maxLoraRank;
+  }
+}

@@ -18,14 +18,19 @@ const engineConfigSchema = z
 
 export type EngineConfig = Readonly<z.infer<typeof engineConfigSchema>>;
 
-export function parseEngineConfig(input: Record<string, unknown>): EngineConfig {
+/** Validates once (undefined = use the default) and freezes. */
+function parseWith<S extends z.ZodTypeAny>(schema: S, input: Record<string, unknown>): Readonly<z.infer<S>> {
   const clean = Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined));
-  const parsed = engineConfigSchema.safeParse(clean);
+  const parsed = schema.safeParse(clean);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
     throw new ConfigError('CONFIG_INVALID', `invalid configuration: ${issue?.path.join('.') || '(root)'}: ${issue?.message}`);
   }
   return Object.freeze(parsed.data);
+}
+
+export function parseEngineConfig(input: Record<string, unknown>): EngineConfig {
+  return parseWith(engineConfigSchema, input);
 }
 
 /** Engine settings from flags, falling back to LORA_GATEWAY_* environment variables. */
@@ -36,4 +41,44 @@ export function engineConfigFrom(flags: { backend?: string; 'max-lora-rank'?: st
     maxLoraRank: num(flags['max-lora-rank'] ?? env.LORA_GATEWAY_MAX_LORA_RANK),
     loraStrategy: flags['lora-strategy'] ?? env.LORA_GATEWAY_LORA_STRATEGY,
   });
+}
+
+const serveConfigSchema = z
+  .object({
+    host: z.string().default('127.0.0.1'),
+    port: z.number().int().min(0).max(65535).default(8000),
+    /** Model id clients send as `model` for the base model. @defaultValue the model folder's name */
+    servedModelName: z.string().min(1).optional(),
+    /** Every sub-folder is registered as an adapter at startup (id = folder name). */
+    adapterDir: z.string().optional(),
+    /** Where uploaded adapters (and the demo model) are stored. @defaultValue 'data' */
+    dataDir: z.string().default('data'),
+    /** Device page budget for KV cache + adapter weights. @defaultValue 256 MiB */
+    deviceMemoryBytes: z.number().int().positive().default(256 * 1024 * 1024),
+    /** Host-memory cache of adapters read from disk. @defaultValue 1 GiB */
+    hostMemoryBytes: z.number().int().positive().default(1024 * 1024 * 1024),
+    maxRunningSeqs: z.number().int().positive().default(32),
+    maxBatchTokens: z.number().int().positive().default(2048),
+    maxAdaptersPerBatch: z.number().int().positive().default(32),
+    /** Waiting requests beyond this get HTTP 429. @defaultValue 256 */
+    maxWaiting: z.number().int().positive().default(256),
+    /** Request bodies (uploads included) above this get HTTP 413. @defaultValue 256 MiB */
+    bodyLimitBytes: z.number().int().positive().default(256 * 1024 * 1024),
+  })
+  .strict();
+
+export type ServeConfig = Readonly<z.infer<typeof serveConfigSchema>>;
+
+export function parseServeConfig(input: Record<string, unknown>): ServeConfig {
+  return parseWith(serveConfigSchema, input);
+}
+
+/** Parses sizes like 512MiB, 2GiB, 1e9 or plain bytes. */
+export function parseBytes(v: string | undefined, name: string): number | undefined {
+  if (v === undefined) return undefined;
+  const m = /^(\d+(?:\.\d+)?(?:e\d+)?)\s*(b|kib|mib|gib|kb|mb|gb)?$/i.exec(v.trim());
+  if (!m) throw new ConfigError('CONFIG_INVALID', `--${name} must be a size like 512MiB or 2GiB, got '${v}'`);
+  const unit = (m[2] ?? 'b').toLowerCase();
+  const mult: Record<string, number> = { b: 1, kib: 1024, mib: 1024 ** 2, gib: 1024 ** 3, kb: 1e3, mb: 1e6, gb: 1e9 };
+  return Math.floor(Number(m[1]) * mult[unit]);
 }

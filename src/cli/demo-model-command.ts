@@ -21,16 +21,9 @@ export interface DemoModelOptions {
   seed?: number;
 }
 
-/**
- * Writes a tiny Llama in the real Hugging Face layout (config.json, model.safetensors,
- * tokenizer.json, tokenizer_config.json, generation_config.json) and N PEFT adapters of
- * mixed ranks under `<dir>/adapters/demo-<i>`. Weights are random: the text is gibberish,
- * but every file is what transformers and PEFT would read.
- */
-export async function writeDemoModel(dir: string, options: DemoModelOptions): Promise<{ adapterDirs: string[] }> {
-  const seed = options.seed ?? 1234;
-  const tok = buildDemoTokenizer();
-  const configJson: Record<string, unknown> = {
+/** The demo model's config.json: a tiny Llama shaped like a real one (GQA, SwiGLU). */
+export function demoModelConfigJson(tok = buildDemoTokenizer()): Record<string, unknown> {
+  return {
     architectures: ['LlamaForCausalLM'],
     model_type: 'llama',
     hidden_size: 64,
@@ -47,6 +40,18 @@ export async function writeDemoModel(dir: string, options: DemoModelOptions): Pr
     bos_token_id: (tok.generationConfig as { bos_token_id?: number }).bos_token_id,
     eos_token_id: (tok.generationConfig as { eos_token_id?: number | number[] }).eos_token_id,
   };
+}
+
+/**
+ * Writes a tiny Llama in the real Hugging Face layout (config.json, model.safetensors,
+ * tokenizer.json, tokenizer_config.json, generation_config.json) and N PEFT adapters of
+ * mixed ranks under `<dir>/adapters/demo-<i>`. Weights are random: the text is gibberish,
+ * but every file is what transformers and PEFT would read.
+ */
+export async function writeDemoModel(dir: string, options: DemoModelOptions): Promise<{ adapterDirs: string[] }> {
+  const seed = options.seed ?? 1234;
+  const tok = buildDemoTokenizer();
+  const configJson = demoModelConfigJson(tok);
   await writeModelFolder(dir, configJson, randomLlamaWeights(configJson, seed), {
     dtype: options.dtype ?? 'F32',
     tokenizerJson: tok.tokenizerJson,

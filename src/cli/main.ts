@@ -4,12 +4,13 @@ import { readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { engineConfigFrom, type EngineConfig } from '../config.js';
+import { engineConfigFrom, parseBytes, parseServeConfig, type EngineConfig } from '../config.js';
 import { LoraGatewayError } from '../errors.js';
 import { resolveBackend } from '../model/backend.js';
 import type { LlamaModel } from '../model/llama-model.js';
 import { loadLlamaModel } from '../model/model-loader.js';
 import { writeDemoModel } from './demo-model-command.js';
+import { serve } from './serve-command.js';
 import { batchBaseDir, loadTokenizerIfPresent, readBatchFile, runBatchLines, type BatchLine, type GenerateContext } from './generate-command.js';
 
 const USAGE = `lora-gateway — many LoRA adapters of one Llama-family model, on TensorFlow.js
@@ -21,6 +22,10 @@ Usage:
   lora-gateway generate --model DIR --batch FILE.jsonl
   lora-gateway demo-model --out DIR [--adapters N] [--dtype F32|F16|BF16]
   lora-gateway demo [--data DIR]
+  lora-gateway serve [--model DIR] [--adapter-dir DIR] [--host H] [--port P] [--served-model-name NAME]
+                     [--data DIR] [--device-memory 256MiB] [--host-memory 1GiB] [--max-running-seqs N]
+                     [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N]
+      without --model: serves the demo model (created once under --data, default ./data)
 
 Engine options (also LORA_GATEWAY_BACKEND, LORA_GATEWAY_MAX_LORA_RANK, LORA_GATEWAY_LORA_STRATEGY):
   --backend auto|tensorflow|wasm|cpu   tensor backend (auto: tfjs-node-gpu, tfjs-node, then wasm)
@@ -47,6 +52,16 @@ const OPTIONS = {
   adapters: { type: 'string' },
   dtype: { type: 'string' },
   data: { type: 'string' },
+  'adapter-dir': { type: 'string' },
+  host: { type: 'string' },
+  port: { type: 'string' },
+  'served-model-name': { type: 'string' },
+  'device-memory': { type: 'string' },
+  'host-memory': { type: 'string' },
+  'max-running-seqs': { type: 'string' },
+  'max-batch-tokens': { type: 'string' },
+  'max-adapters-per-batch': { type: 'string' },
+  'max-waiting': { type: 'string' },
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
   'lora-strategy': { type: 'string' },
@@ -168,6 +183,28 @@ export async function main(argv: string[]): Promise<number> {
     if (command === 'generate') await generate(flags, config);
     else if (command === 'demo-model') await demoModel(flags);
     else if (command === 'demo') await demo(flags, config);
+    else if (command === 'serve') {
+      const env = process.env;
+      const serveConfig = parseServeConfig({
+        host: flags.host ?? env.LORA_GATEWAY_HOST,
+        port: num(flags.port ?? env.LORA_GATEWAY_PORT, 'port'),
+        servedModelName: flags['served-model-name'],
+        adapterDir: flags['adapter-dir'],
+        dataDir: flags.data ?? env.LORA_GATEWAY_DATA_DIR,
+        deviceMemoryBytes: parseBytes(flags['device-memory'] ?? env.LORA_GATEWAY_DEVICE_MEMORY, 'device-memory'),
+        hostMemoryBytes: parseBytes(flags['host-memory'] ?? env.LORA_GATEWAY_HOST_MEMORY, 'host-memory'),
+        maxRunningSeqs: num(flags['max-running-seqs'], 'max-running-seqs'),
+        maxBatchTokens: num(flags['max-batch-tokens'], 'max-batch-tokens'),
+        maxAdaptersPerBatch: num(flags['max-adapters-per-batch'], 'max-adapters-per-batch'),
+        maxWaiting: num(flags['max-waiting'], 'max-waiting'),
+      });
+      const server = await serve({ modelDir: flags.model, engine: config, serve: serveConfig, log: logToStderr });
+      await new Promise<void>((done) => {
+        const stop = () => void server.close().then(done);
+        process.once('SIGINT', stop);
+        process.once('SIGTERM', stop);
+      });
+    }
     else {
       process.stderr.write(`unknown command '${command}'\n\n${USAGE}`);
       return 2;

@@ -50,6 +50,7 @@ export class AdapterPager {
   private readonly device = new Map<string, DeviceEntry>();
   private queue: Promise<unknown> = Promise.resolve();
   private clock = 0;
+  private readonly loadListeners: ((seconds: number) => void)[] = [];
   readonly counters: PagerCounters = { hostHits: 0, hostMisses: 0, deviceLoads: 0, deviceEvictions: 0, hostEvictions: 0 };
 
   constructor(store: AdapterStore, pool: PagePool, model: ModelConfig, options: AdapterPagerOptions) {
@@ -120,6 +121,7 @@ export class AdapterPager {
         again.lastUsed = ++this.clock;
         return again.adapter;
       }
+      const started = performance.now();
       const h = await this.toHost(record);
       const pages = this.pagesFor(h);
       while (!this.pool.reserve(`adapter:${key}`, 'adapter', pages)) {
@@ -128,8 +130,14 @@ export class AdapterPager {
       const adapter = uploadAdapter(h, this.model);
       this.device.set(key, { adapter, pins: 1, lastUsed: ++this.clock });
       this.counters.deviceLoads++;
+      for (const l of this.loadListeners) l((performance.now() - started) / 1000);
       return adapter;
     });
+  }
+
+  /** Called with the seconds each device load took (disk or host read + upload). */
+  onDeviceLoad(listener: (seconds: number) => void): void {
+    this.loadListeners.push(listener);
   }
 
   release(record: AdapterRecord): void {

@@ -11,7 +11,7 @@ import { PagePool } from '../pager/page-pool.js';
 import { pageBytes } from '../pager/page-sizes.js';
 import type { GenerationResult } from './batch-generator.js';
 import { ContinuousBatcher, type BatcherLimits, type StepInfo } from './continuous-batcher.js';
-import type { CompletionRequest, ServingEngine, TokenEvent } from './serving-engine.js';
+import type { CompletionRequest, EngineStats, ServingEngine, TokenEvent } from './serving-engine.js';
 
 export interface GatewayOptions {
   modelId: string;
@@ -41,7 +41,7 @@ export class Gateway implements ServingEngine {
   private readonly store: AdapterStore;
   private readonly batcher: ContinuousBatcher;
   private readonly llama: LlamaModel;
-  private readonly maxLoraRank: number;
+  private readonly stepListeners: ((info: StepInfo) => void)[] = [];
 
   private constructor(options: GatewayOptions, store: AdapterStore) {
     this.modelId = options.modelId;
@@ -49,7 +49,6 @@ export class Gateway implements ServingEngine {
     this.model = options.model.config;
     this.tokenizer = options.tokenizer;
     this.store = store;
-    this.maxLoraRank = options.maxLoraRank;
     this.pool = new PagePool(Math.floor(options.deviceMemoryBytes / pageBytes(this.model)));
     this.pager = new AdapterPager(store, this.pool, this.model, { hostMemoryBytes: options.hostMemoryBytes });
     const stopTokenIds = [...new Set([...this.model.eosTokenIds, ...(options.tokenizer?.eosTokenIds ?? [])])];
@@ -61,7 +60,10 @@ export class Gateway implements ServingEngine {
       limits: options.limits,
       stopTokenIds,
       loraStrategy: options.loraStrategy,
-      onStep: options.onStep,
+      onStep: (info) => {
+        options.onStep?.(info);
+        for (const l of this.stepListeners) l(info);
+      },
     });
   }
 
@@ -119,13 +121,26 @@ export class Gateway implements ServingEngine {
     return this.pager.residence(record);
   }
 
+  onStep(listener: (info: StepInfo) => void): void {
+    this.stepListeners.push(listener);
+  }
+
+  onAdapterLoad(listener: (seconds: number) => void): void {
+    this.pager.onDeviceLoad(listener);
+  }
+
+  stats(): EngineStats {
+    return {
+      running: this.batcher.runningCount,
+      waiting: this.batcher.waitingCount,
+      pages: { kv: this.pool.inUse('kv'), adapter: this.pool.inUse('adapter'), capacity: this.pool.capacity },
+      pager: { ...this.pager.counters },
+    };
+  }
+
   async close(): Promise<void> {
     this.batcher.close();
     this.pager.dispose();
     this.llama.dispose();
-  }
-
-  get maxRank(): number {
-    return this.maxLoraRank;
   }
 }

@@ -28,6 +28,15 @@ export interface TokenEvent {
   token: ScoredToken;
 }
 
+/** Point-in-time numbers for metrics. */
+export interface EngineStats {
+  running: number;
+  waiting: number;
+  pages: { kv: number; adapter: number; capacity: number };
+  /** Cumulative counts from the adapter pager. */
+  pager: { hostHits: number; hostMisses: number; deviceLoads: number; deviceEvictions: number; hostEvictions: number };
+}
+
 export interface ServingEngine {
   readonly modelId: string;
   readonly model: ModelConfig;
@@ -46,5 +55,12 @@ export interface ServingEngine {
   deleteAdapter(id: string): Promise<AdapterRecord>;
   /** Registers an adapter folder on disk (vLLM's load_lora_adapter). */
   loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord>;
+  /** Where an adapter version lives now. */
+  residence(record: AdapterRecord): 'disk' | 'host' | 'device';
+  stats(): EngineStats;
+  /** Called after every scheduler step with the batch it ran. */
+  onStep(listener: (info: { running: number; waiting: number; admitted: number; finished: number }) => void): void;
+  /** Reports how long each adapter load onto the device took, in seconds. */
+  onAdapterLoad(listener: (seconds: number) => void): void;
   close(): Promise<void>;
 }

@@ -1,0 +1,87 @@
+import multipart from '@fastify/multipart';
+import type { FastifyPluginAsync } from 'fastify';
+import { AdapterError, RequestError } from '../errors.js';
+import type { AdapterRecord } from '../pager/adapter-store.js';
+import type { ServingEngine } from '../serving/serving-engine.js';
+import type { GatewayMetrics } from './metrics.js';
+
+function adapterJson(engine: ServingEngine, r: AdapterRecord) {
+  return {
+    id: r.id,
+    object: 'adapter',
+    parent: engine.modelId,
+    version: r.version,
+    rank: r.rank,
+    targets: r.targets,
+    size_bytes: r.sizeBytes,
+    sha256: r.sha256,
+    residence: engine.residence(r),
+  };
+}
+
+const idParam = { type: 'object', properties: { id: { type: 'string', maxLength: 256 } }, required: ['id'] } as const;
+
+/**
+ * Adapter management: list / show / upload (multipart adapter_config.json +
+ * adapter_model.safetensors) / delete, plus vLLM's load_lora_adapter / unload_lora_adapter.
+ */
+export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics }> = async (app, { engine }) => {
+  await app.register(multipart, { limits: { files: 2, fields: 0, fileSize: 512 * 1024 * 1024 } });
+
+  app.get('/v1/adapters', async () => ({ object: 'list', data: engine.listAdapters().map((r) => adapterJson(engine, r)) }));
+
+  app.get<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req) => {
+    const r = engine.getAdapter(req.params.id);
+    if (!r) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${req.params.id}' does not exist`);
+    return adapterJson(engine, r);
+  });
+
+  app.put<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req, reply) => {
+    if (!req.isMultipart()) {
+      throw new RequestError('REQUEST_INVALID', 'upload the adapter as multipart/form-data with files adapter_config.json and adapter_model.safetensors');
+    }
+    const files: Record<string, Buffer> = {};
+    for await (const part of req.files()) {
+      const name = part.fieldname === 'adapter_config.json' || part.filename === 'adapter_config.json' ? 'config' : part.fieldname === 'adapter_model.safetensors' || part.filename === 'adapter_model.safetensors' ? 'weights' : undefined;
+      const data = await part.toBuffer();
+      if (!name) throw new RequestError('REQUEST_INVALID', `unexpected file '${part.filename ?? part.fieldname}'`);
+      files[name] = data;
+    }
+    if (!files.config || !files.weights) {
+      throw new RequestError('REQUEST_INVALID', 'both adapter_config.json and adapter_model.safetensors are required');
+    }
+    const record = await engine.putAdapter(req.params.id, { config: files.config, weights: files.weights });
+    return reply.status(record.version === 1 ? 201 : 200).send(adapterJson(engine, record));
+  });
+
+  app.delete<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req) => {
+    const r = await engine.deleteAdapter(req.params.id);
+    return { id: r.id, object: 'adapter', deleted: true };
+  });
+
+  app.post<{ Body: { lora_name: string; lora_path: string } }>(
+    '/v1/load_lora_adapter',
+    {
+      schema: {
+        body: {
+          type: 'object',
+          properties: { lora_name: { type: 'string', minLength: 1, maxLength: 256 }, lora_path: { type: 'string', minLength: 1 } },
+          required: ['lora_name', 'lora_path'],
+        },
+      },
+    },
+    async (req) => {
+      const r = await engine.loadAdapterFromDir(req.body.lora_name, req.body.lora_path);
+      return `Success: LoRA adapter '${r.id}' added successfully.`;
+    },
+  );
+
+  app.post<{ Body: { lora_name: string } }>(
+    '/v1/unload_lora_adapter',
+    { schema: { body: { type: 'object', properties: { lora_name: { type: 'string', minLength: 1, maxLength: 256 } }, required: ['lora_name'] } } },
+    async (req) => {
+      await engine.deleteAdapter(req.body.lora_name);
+      return `Success: LoRA adapter '${req.body.lora_name}' removed successfully.`;
+    },
+  );
+};

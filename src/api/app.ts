@@ -1,0 +1,25 @@
+import Fastify, { type FastifyInstance } from 'fastify';
+import type { ServingEngine } from '../serving/serving-engine.js';
+import { adapterRoutes } from './adapter-routes.js';
+import { completionRoutes } from './completion-routes.js';
+import { handleError } from './http-errors.js';
+import { opsRoutes } from './ops-routes.js';
+import type { GatewayMetrics } from './metrics.js';
+
+export interface AppOptions {
+  engine: ServingEngine;
+  metrics: GatewayMetrics;
+  /** Largest request body in bytes (uploads included). */
+  bodyLimitBytes?: number;
+  logger?: boolean;
+}
+
+/** The HTTP surface: thin routes that parse, call the engine, and reply. */
+export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
+  const app = Fastify({ logger: options.logger ?? false, bodyLimit: options.bodyLimitBytes ?? 64 * 1024 * 1024 });
+  app.setErrorHandler(handleError);
+  await app.register(opsRoutes, { engine: options.engine, metrics: options.metrics });
+  await app.register(completionRoutes, { engine: options.engine, metrics: options.metrics });
+  await app.register(adapterRoutes, { engine: options.engine, metrics: options.metrics });
+  return app;
+}

@@ -1,0 +1,52 @@
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import { LoraGatewayError, type ErrorCode } from '../errors.js';
+
+/** OpenAI's error body: {"error": {"message", "type", "code"}}. */
+export interface ErrorBody {
+  error: { message: string; type: string; code: string };
+}
+
+/** Each engine error code mapped to HTTP once; everything not listed is a 400 or 500 below. */
+const STATUS: Partial<Record<ErrorCode, number>> = {
+  ADAPTER_NOT_FOUND: 404,
+  ADAPTER_ID_INVALID: 400,
+  ADAPTER_CONFIG_INVALID: 422,
+  ADAPTER_UNSUPPORTED: 422,
+  ADAPTER_RANK_TOO_LARGE: 422,
+  ADAPTER_MODULE_UNKNOWN: 422,
+  ADAPTER_SHAPE_MISMATCH: 422,
+  ADAPTER_WEIGHTS_INVALID: 422,
+  REQUEST_INVALID: 400,
+  CONTEXT_LENGTH_EXCEEDED: 400,
+  QUEUE_FULL: 429,
+  REQUEST_CANCELLED: 499,
+};
+
+export function errorBody(code: string, message: string, type = 'invalid_request_error'): ErrorBody {
+  return { error: { message, type, code: code.toLowerCase() } };
+}
+
+export function statusOf(err: LoraGatewayError): number {
+  return STATUS[err.code] ?? 400;
+}
+
+/** Fastify error handler: engine errors by code, schema/body errors as 400/413, the rest 500. */
+export function handleError(err: FastifyError | Error, _req: FastifyRequest, reply: FastifyReply): void {
+  if (err instanceof LoraGatewayError) {
+    const status = statusOf(err);
+    if (status === 429) void reply.header('retry-after', '1');
+    void reply.status(status).send(errorBody(err.code, err.message, status === 429 ? 'rate_limit_error' : 'invalid_request_error'));
+    return;
+  }
+  const fe = err as FastifyError;
+  if (fe.validation) {
+    void reply.status(400).send(errorBody('request_invalid', fe.message));
+    return;
+  }
+  if (fe.statusCode && fe.statusCode >= 400 && fe.statusCode < 500) {
+    void reply.status(fe.statusCode).send(errorBody(fe.code ?? 'request_invalid', fe.message));
+    return;
+  }
+  _req.log.error(err);
+  void reply.status(500).send(errorBody('internal_error', 'internal server error', 'server_error'));
+}

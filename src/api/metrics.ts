@@ -1,0 +1,58 @@
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { ServingEngine } from '../serving/serving-engine.js';
+
+const LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+
+/**
+ * Prometheus metrics of the gateway. Labels are bounded sets (route, status class, page
+ * kind, tier): never one series per adapter id, since there can be thousands.
+ */
+export class GatewayMetrics {
+  readonly registry = new Registry();
+  readonly requests = new Counter({ name: 'lora_gateway_requests_total', help: 'Finished HTTP inference requests', labelNames: ['route', 'status'], registers: [this.registry] });
+  readonly ttft = new Histogram({ name: 'lora_gateway_time_to_first_token_seconds', help: 'Time from request arrival to its first token', buckets: LATENCY_BUCKETS, registers: [this.registry] });
+  readonly interToken = new Histogram({ name: 'lora_gateway_inter_token_latency_seconds', help: 'Time between consecutive tokens of one request', buckets: LATENCY_BUCKETS, registers: [this.registry] });
+  readonly e2e = new Histogram({ name: 'lora_gateway_request_duration_seconds', help: 'End-to-end latency of inference requests', buckets: LATENCY_BUCKETS, registers: [this.registry] });
+  readonly promptTokens = new Counter({ name: 'lora_gateway_prompt_tokens_total', help: 'Prompt tokens processed', registers: [this.registry] });
+  readonly generatedTokens = new Counter({ name: 'lora_gateway_generation_tokens_total', help: 'Tokens generated', registers: [this.registry] });
+  readonly batchSize = new Histogram({ name: 'lora_gateway_batch_size', help: 'Sequences in each scheduler step', buckets: [1, 2, 4, 8, 16, 32, 64, 128], registers: [this.registry] });
+
+  readonly adapterLoad = new Histogram({ name: 'lora_gateway_adapter_load_seconds', help: 'Time to bring an adapter onto the device', buckets: LATENCY_BUCKETS, registers: [this.registry] });
+
+  constructor(engine: ServingEngine) {
+    const r = [this.registry];
+    engine.onAdapterLoad((s) => this.adapterLoad.observe(s));
+    engine.onStep((info) => {
+      if (info.running > 0) this.batchSize.observe(info.running);
+    });
+    new Gauge({ name: 'lora_gateway_running_sequences', help: 'Sequences decoding now', registers: r, collect() { this.set(engine.stats().running); } });
+    new Gauge({ name: 'lora_gateway_waiting_sequences', help: 'Requests waiting for admission', registers: r, collect() { this.set(engine.stats().waiting); } });
+    new Gauge({
+      name: 'lora_gateway_pool_pages',
+      help: 'Device pool pages in use by kind, and the capacity',
+      labelNames: ['kind'],
+      registers: r,
+      collect() {
+        const p = engine.stats().pages;
+        this.set({ kind: 'kv' }, p.kv);
+        this.set({ kind: 'adapter' }, p.adapter);
+        this.set({ kind: 'total' }, p.kv + p.adapter);
+        this.set({ kind: 'capacity' }, p.capacity);
+      },
+    });
+    new Gauge({
+      name: 'lora_gateway_adapter_events',
+      help: 'Cumulative adapter loads and evictions by tier, and host-cache hits and misses',
+      labelNames: ['event', 'tier'],
+      registers: r,
+      collect() {
+        const c = engine.stats().pager;
+        this.set({ event: 'load', tier: 'device' }, c.deviceLoads);
+        this.set({ event: 'eviction', tier: 'device' }, c.deviceEvictions);
+        this.set({ event: 'eviction', tier: 'host' }, c.hostEvictions);
+        this.set({ event: 'hit', tier: 'host' }, c.hostHits);
+        this.set({ event: 'miss', tier: 'host' }, c.hostMisses);
+      },
+    });
+  }
+}

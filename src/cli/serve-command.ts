@@ -1,0 +1,76 @@
+import { existsSync } from 'node:fs';
+import { readdir } from 'node:fs/promises';
+import { basename, join, resolve } from 'node:path';
+import { buildApp } from '../api/app.js';
+import { GatewayMetrics } from '../api/metrics.js';
+import type { EngineConfig, ServeConfig } from '../config.js';
+import { resolveBackend } from '../model/backend.js';
+import { loadLlamaModel } from '../model/model-loader.js';
+import { Gateway } from '../serving/gateway.js';
+import { writeDemoModel } from './demo-model-command.js';
+import { loadTokenizerIfPresent } from './generate-command.js';
+
+export interface ServeOptions {
+  /** Absent: serve the demo model, created once under the data folder. */
+  modelDir?: string;
+  engine: EngineConfig;
+  serve: ServeConfig;
+  log: (line: string) => void;
+}
+
+async function demoModelDir(dataDir: string, log: (line: string) => void): Promise<{ modelDir: string; adapterDir: string }> {
+  const modelDir = resolve(dataDir, 'demo-model');
+  if (!existsSync(join(modelDir, 'config.json'))) {
+    log(`no --model given: creating the demo model with 4 demo adapters in ${modelDir}`);
+    await writeDemoModel(modelDir, { adapters: 4 });
+  }
+  return { modelDir, adapterDir: join(modelDir, 'adapters') };
+}
+
+/** Starts the gateway; resolves once it listens, with a function that shuts it down. */
+export async function serve(options: ServeOptions): Promise<{ url: string; close: () => Promise<void> }> {
+  const { serve: cfg, engine, log } = options;
+  await resolveBackend(engine.backend, log);
+  let modelDir = options.modelDir;
+  let adapterDir = cfg.adapterDir;
+  if (!modelDir) ({ modelDir, adapterDir } = await demoModelDir(cfg.dataDir, log));
+  const modelId = cfg.servedModelName ?? basename(resolve(modelDir));
+  const gateway = await Gateway.create({
+    modelId,
+    model: await loadLlamaModel(modelDir),
+    tokenizer: await loadTokenizerIfPresent(modelDir),
+    storeDir: resolve(cfg.dataDir, 'adapters'),
+    deviceMemoryBytes: cfg.deviceMemoryBytes,
+    hostMemoryBytes: cfg.hostMemoryBytes,
+    maxLoraRank: engine.maxLoraRank,
+    loraStrategy: engine.loraStrategy,
+    limits: {
+      maxRunningSeqs: cfg.maxRunningSeqs,
+      maxBatchTokens: cfg.maxBatchTokens,
+      maxAdaptersPerBatch: cfg.maxAdaptersPerBatch,
+      maxWaiting: cfg.maxWaiting,
+    },
+  });
+  if (adapterDir) {
+    for (const entry of (await readdir(adapterDir, { withFileTypes: true })).filter((e) => e.isDirectory())) {
+      // unchanged folders are not stored again on every restart
+      if (gateway.getAdapter(entry.name)) continue;
+      await gateway.loadAdapterFromDir(entry.name, join(adapterDir, entry.name));
+    }
+  }
+  const app = await buildApp({ engine: gateway, metrics: new GatewayMetrics(gateway), bodyLimitBytes: cfg.bodyLimitBytes });
+  const url = await app.listen({ host: cfg.host, port: cfg.port });
+  const adapters = gateway.listAdapters();
+  log(`serving ${modelId} with ${adapters.length} adapters at ${url} (device pool ${gateway.pool.capacity} pages)`);
+  const example = adapters[0]?.id ?? modelId;
+  log(
+    `try: curl -s ${url}/v1/completions -H 'content-type: application/json' -d '{"model": "${example}", "prompt": "The quick brown fox", "max_tokens": 16}'`,
+  );
+  return {
+    url,
+    async close() {
+      await app.close();
+      await gateway.close();
+    },
+  };
+}

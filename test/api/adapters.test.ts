@@ -1,0 +1,125 @@
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { peftConfigJson } from '../../src/model/hf-folder-writer.js';
+import { startGateway, type GatewayFixture } from '../helpers/gateway-fixture.js';
+
+let fx: GatewayFixture;
+let good: { config: Buffer; weights: Buffer };
+
+before(async () => {
+  fx = await startGateway(2);
+  const dir = join(fx.modelDir, 'adapters', 'demo-1');
+  good = { config: await readFile(join(dir, 'adapter_config.json')), weights: await readFile(join(dir, 'adapter_model.safetensors')) };
+});
+after(() => fx.close());
+
+function form(files: { config?: Buffer | string; weights?: Buffer }): FormData {
+  const f = new FormData();
+  const blob = (b: Buffer | string) => new Blob([typeof b === 'string' ? b : new Uint8Array(b)]);
+  if (files.config !== undefined) f.append('adapter_config.json', blob(files.config), 'adapter_config.json');
+  if (files.weights !== undefined) f.append('adapter_model.safetensors', blob(files.weights), 'adapter_model.safetensors');
+  return f;
+}
+
+async function put(id: string, body: FormData): Promise<{ status: number; json: Record<string, unknown> }> {
+  const res = await fetch(`${fx.baseUrl}/v1/adapters/${encodeURIComponent(id)}`, { method: 'PUT', body });
+  return { status: res.status, json: (await res.json()) as Record<string, unknown> };
+}
+
+async function listIds(): Promise<string[]> {
+  const res = await fetch(`${fx.baseUrl}/v1/adapters`);
+  return ((await res.json()) as { data: { id: string }[] }).data.map((a) => a.id).sort();
+}
+
+describe('adapter management over HTTP', () => {
+  test('GET /v1/adapters lists registered adapters with rank, targets, size, version, residence and parent', async () => {
+    const res = await fetch(`${fx.baseUrl}/v1/adapters`);
+    assert.equal(res.status, 200);
+    const body = (await res.json()) as { data: Record<string, unknown>[] };
+    assert.deepEqual(body.data.map((a) => a.id).sort(), ['demo-0', 'demo-1']);
+    const a = body.data.find((x) => x.id === 'demo-1')!;
+    assert.equal(a.parent, 'demo-model');
+    assert.equal(a.rank, 8);
+    assert.equal(a.version, 1);
+    assert.ok(['disk', 'host', 'device'].includes(a.residence as string));
+    assert.ok((a.size_bytes as number) > 0);
+    const one = await fetch(`${fx.baseUrl}/v1/adapters/demo-0`);
+    assert.equal(((await one.json()) as { id: string }).id, 'demo-0');
+  });
+
+  test('PUT uploads a new adapter (201), re-PUT makes version 2 (200), DELETE removes it', async () => {
+    const first = await put('cust-7', form(good));
+    assert.equal(first.status, 201);
+    assert.equal(first.json.version, 1);
+    const second = await put('cust-7', form(good));
+    assert.equal(second.status, 200);
+    assert.equal(second.json.version, 2);
+    const del = await fetch(`${fx.baseUrl}/v1/adapters/cust-7`, { method: 'DELETE' });
+    assert.equal(del.status, 200);
+    assert.deepEqual(await listIds(), ['demo-0', 'demo-1']);
+    const missing = await fetch(`${fx.baseUrl}/v1/adapters/cust-7`);
+    assert.equal(missing.status, 404);
+    assert.equal(((await missing.json()) as { error: { code: string } }).error.code, 'adapter_not_found');
+  });
+
+  test('bad uploads get 4xx with a JSON error and change nothing', async () => {
+    const before = await listIds();
+    const nan = Buffer.from(good.weights);
+    nan.writeFloatLE(NaN, nan.length - 4);
+    const bigRank = Buffer.from(JSON.stringify(peftConfigJson({ r: 128, loraAlpha: 16, targetModules: ['q_proj'] })));
+    const wrongShape = Buffer.from(JSON.stringify({ ...JSON.parse(good.config.toString()), r: 4 }));
+    const cases: [string, FormData, number, string][] = [
+      ['demo-1', form({ ...good, weights: good.weights.subarray(0, 100) }), 422, 'adapter_weights_invalid'],
+      ['demo-1', form({ ...good, weights: nan }), 422, 'adapter_weights_invalid'],
+      ['demo-1', form({ ...good, config: bigRank }), 422, 'adapter_rank_too_large'],
+      ['demo-1', form({ ...good, config: wrongShape }), 422, 'adapter_shape_mismatch'],
+      ['demo-1', form({ config: good.config }), 400, 'request_invalid'],
+      ['..', form(good), 400, 'adapter_id_invalid'],
+      ['a..b', form(good), 400, 'adapter_id_invalid'],
+    ];
+    for (const [id, body, status, code] of cases) {
+      const res = await put(id, body);
+      assert.equal(res.status, status, `${id} ${code}: ${JSON.stringify(res.json)}`);
+      assert.equal((res.json.error as { code: string }).code, code);
+    }
+    const traversal = await fetch(`${fx.baseUrl}/v1/adapters/..%2F..%2Fetc`, { method: 'PUT', body: form(good) });
+    assert.ok(traversal.status >= 400 && traversal.status < 500);
+    assert.deepEqual(await listIds(), before);
+    const after = (await (await fetch(`${fx.baseUrl}/v1/adapters/demo-1`)).json()) as { version: number };
+    assert.equal(after.version, 1);
+  });
+
+  test("vLLM's load_lora_adapter and unload_lora_adapter register and remove a folder", async () => {
+    const load = await fetch(`${fx.baseUrl}/v1/load_lora_adapter`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ lora_name: 'from-dir', lora_path: join(fx.modelDir, 'adapters', 'demo-0') }),
+    });
+    assert.equal(load.status, 200);
+    assert.ok((await listIds()).includes('from-dir'));
+    const unload = await fetch(`${fx.baseUrl}/v1/unload_lora_adapter`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ lora_name: 'from-dir' }),
+    });
+    assert.equal(unload.status, 200);
+    assert.ok(!(await listIds()).includes('from-dir'));
+    const bad = await fetch(`${fx.baseUrl}/v1/load_lora_adapter`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    assert.equal(bad.status, 400);
+  });
+
+  test('/health and /ready answer; /metrics is Prometheus text with pool pages by kind', async () => {
+    assert.equal((await fetch(`${fx.baseUrl}/health`)).status, 200);
+    assert.equal(((await (await fetch(`${fx.baseUrl}/ready`)).json()) as { model: string }).model, 'demo-model');
+    const res = await fetch(`${fx.baseUrl}/metrics`);
+    assert.match(res.headers.get('content-type') ?? '', /text\/plain/);
+    const text = await res.text();
+    for (const line of text.split('\n').filter((l) => l && !l.startsWith('#'))) {
+      assert.match(line, /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+Inf-]+$/, line);
+    }
+    assert.match(text, /lora_gateway_pool_pages\{kind="capacity"\} \d+/);
+    assert.match(text, /lora_gateway_adapter_events\{event="load",tier="device"\}/);
+  });
+});

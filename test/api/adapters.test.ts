@@ -121,5 +121,10 @@ describe('adapter management over HTTP', () => {
     }
     assert.match(text, /lora_gateway_pool_pages\{kind="capacity"\} \d+/);
     assert.match(text, /lora_gateway_adapter_events\{event="load",tier="device"\}/);
+    // every series the Grafana dashboard queries is exported
+    const dashboard = await readFile(new URL('../../grafana/lora-gateway.json', import.meta.url), 'utf8');
+    const used = new Set([...dashboard.matchAll(/lora_gateway_[a-z_]+/g)].map((m) => m[0].replace(/_(bucket|sum|count)$/, '')));
+    assert.ok(used.size >= 10);
+    for (const name of used) assert.ok(text.includes(`# TYPE ${name} `), `dashboard metric ${name} is exported`);
   });
 });

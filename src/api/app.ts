@@ -2,7 +2,7 @@ import Fastify, { type FastifyInstance } from 'fastify';
 import type { ServingEngine } from '../serving/serving-engine.js';
 import { adapterRoutes } from './adapter-routes.js';
 import { completionRoutes } from './completion-routes.js';
-import { handleError } from './http-errors.js';
+import { errorBody, handleError } from './http-errors.js';
 import { opsRoutes } from './ops-routes.js';
 import type { GatewayMetrics } from './metrics.js';
 
@@ -18,6 +18,9 @@ export interface AppOptions {
 export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   const app = Fastify({ logger: options.logger ?? false, bodyLimit: options.bodyLimitBytes ?? 64 * 1024 * 1024 });
   app.setErrorHandler(handleError);
+  app.setNotFoundHandler((req, reply) => {
+    void reply.status(404).send(errorBody('not_found', `no route ${req.method} ${req.url}`));
+  });
   await app.register(opsRoutes, { engine: options.engine, metrics: options.metrics });
   await app.register(completionRoutes, { engine: options.engine, metrics: options.metrics });
   await app.register(adapterRoutes, { engine: options.engine, metrics: options.metrics });

@@ -1,4 +1,8 @@
-import type { FastifyReply } from 'fastify';
+import type { OutgoingHttpHeaders } from 'node:http';
+import type { FastifyBaseLogger, FastifyReply } from 'fastify';
+import { LoraGatewayError } from '../errors.js';
+import { errorBody, statusOf } from './http-errors.js';
+import type { RequestMeter } from './request-meter.js';
 
 /**
  * Server-sent events in OpenAI's framing (`data: {json}\n\n`, then `data: [DONE]\n\n`) on a
@@ -22,7 +26,8 @@ export class SseStream {
       this.opened = true;
       this.reply.hijack();
       raw.writeHead(200, {
-        ...this.reply.getHeaders(),
+        // headers that hooks already set on the reply (request ids, CORS) still apply
+        ...(this.reply.getHeaders() as OutgoingHttpHeaders),
         'content-type': 'text/event-stream; charset=utf-8',
         'cache-control': 'no-cache',
         connection: 'keep-alive',
@@ -39,4 +44,26 @@ export class SseStream {
     if (!this.opened || raw.destroyed || raw.writableEnded) return;
     raw.end('data: [DONE]\n\n');
   }
+}
+
+/**
+ * Drives one streaming response: `work` streams the deltas and returns the closing events
+ * (final chunk, usage). An error before the first event is rethrown for Fastify's error
+ * handler (a JSON error with its status); after it, it becomes an error event before [DONE],
+ * as OpenAI's clients expect.
+ */
+export async function streamResponse(sse: SseStream, meter: RequestMeter, log: FastifyBaseLogger, work: () => Promise<unknown[]>): Promise<void> {
+  try {
+    const closing = await work();
+    meter.count(200);
+    for (const event of closing) sse.send(event);
+  } catch (err) {
+    if (!sse.started) throw err;
+    const known = err instanceof LoraGatewayError;
+    const status = known ? statusOf(err) : 500;
+    if (!known) log.error(err);
+    meter.count(status);
+    sse.send(known ? errorBody(err.code, err.message) : errorBody('internal_error', 'internal server error', 'server_error'));
+  }
+  sse.end();
 }

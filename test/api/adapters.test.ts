@@ -76,7 +76,7 @@ describe('adapter management over HTTP', () => {
       ['demo-1', form({ ...good, config: bigRank }), 422, 'adapter_rank_too_large'],
       ['demo-1', form({ ...good, config: wrongShape }), 422, 'adapter_shape_mismatch'],
       ['demo-1', form({ config: good.config }), 400, 'request_invalid'],
-      ['..', form(good), 400, 'adapter_id_invalid'],
+      ['.hidden', form(good), 400, 'adapter_id_invalid'],
       ['a..b', form(good), 400, 'adapter_id_invalid'],
     ];
     for (const [id, body, status, code] of cases) {
@@ -85,7 +85,11 @@ describe('adapter management over HTTP', () => {
       assert.equal((res.json.error as { code: string }).code, code);
     }
     const traversal = await fetch(`${fx.baseUrl}/v1/adapters/..%2F..%2Fetc`, { method: 'PUT', body: form(good) });
-    assert.ok(traversal.status >= 400 && traversal.status < 500);
+    assert.equal(traversal.status, 400);
+    assert.equal(((await traversal.json()) as { error: { code: string } }).error.code, 'adapter_id_invalid');
+    const noRoute = await fetch(`${fx.baseUrl}/v1/adapters/../x`, { method: 'PUT', body: form(good) });
+    assert.equal(noRoute.status, 404);
+    assert.ok(((await noRoute.json()) as { error?: { code: string } }).error, 'unknown routes also answer in the OpenAI error shape');
     assert.deepEqual(await listIds(), before);
     const after = (await (await fetch(`${fx.baseUrl}/v1/adapters/demo-1`)).json()) as { version: number };
     assert.equal(after.version, 1);

@@ -53,6 +53,9 @@ interface Sequence {
   resolve: (r: GenerationResult) => void;
   reject: (e: unknown) => void;
   cache?: SequenceKvCache;
+  /** Set when the request's own token callback threw: it ends that request only. */
+  callbackError?: unknown;
+  detachAbort?: () => void;
 }
 
 const BASE = '(base)';
@@ -130,7 +133,9 @@ export class ContinuousBatcher {
       this.waiting.push(seq);
       // read the adapter into host memory while the current steps run
       if (record) pager.prefetch(record).catch(() => undefined);
-      request.signal?.addEventListener('abort', () => void this.pump(), { once: true });
+      const onAbort = () => void this.pump();
+      request.signal?.addEventListener('abort', onAbort, { once: true });
+      seq.detachAbort = () => request.signal?.removeEventListener('abort', onAbort);
       void this.pump();
     });
   }
@@ -293,7 +298,12 @@ export class ContinuousBatcher {
     s.result.tokenIds.push(token);
     s.result.logprobs.push(scoredToken);
     this.waiting.charge(s.adapterKey, 1);
-    s.onToken?.({ token: scoredToken });
+    try {
+      s.onToken?.({ token: scoredToken });
+    } catch (err) {
+      s.callbackError = err;
+      return false;
+    }
     if (!s.request.ignoreEos && this.parts.stopTokenIds.includes(token)) {
       s.result.finishReason = 'stop';
       return false;
@@ -332,11 +342,12 @@ export class ContinuousBatcher {
   }
 
   private complete(s: Sequence): void {
-    this.finish(s, undefined);
+    this.finish(s, s.callbackError);
   }
 
   /** Frees everything a sequence holds and settles its promise. */
   private finish(s: Sequence, err: unknown): void {
+    s.detachAbort?.();
     this.running = this.running.filter((x) => x !== s);
     s.cache?.dispose();
     s.cache = undefined;

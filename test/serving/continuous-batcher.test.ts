@@ -139,6 +139,19 @@ describe('ContinuousBatcher', () => {
     pager.dispose();
   });
 
+  test('a token callback that throws fails only its own request', async () => {
+    const { pool, pager, batcher } = await setup('callback', 100000, {}, 0);
+    const bad = batcher.submit(request(0, null, { maxTokens: 8 }), () => {
+      throw new Error('client went away');
+    });
+    const good = batcher.submit(request(1, null, { maxTokens: 8 }));
+    await assert.rejects(bad, /client went away/);
+    assert.equal((await good).tokenIds.length, 8);
+    assert.equal(pool.inUse('kv'), 0);
+    batcher.close();
+    pager.dispose();
+  });
+
   test('a full waiting queue refuses with QUEUE_FULL; an unknown adapter with ADAPTER_NOT_FOUND', async () => {
     const { pager, batcher } = await setup('queue', 100000, { maxWaiting: 2, maxRunningSeqs: 1 }, 0);
     const outcomes = await Promise.allSettled(Array.from({ length: 5 }, (_, i) => batcher.submit(request(i, null))));

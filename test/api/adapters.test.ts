@@ -64,6 +64,30 @@ describe('adapter management over HTTP', () => {
     assert.equal(((await missing.json()) as { error: { code: string } }).error.code, 'adapter_not_found');
   });
 
+  test('re-uploading an adapter while a request streams on it: the request completes, new requests get version 2', async () => {
+    await put('hot', form(good));
+    const body = JSON.stringify({ model: 'hot', prompt: 'hello', max_tokens: 40, temperature: 0, ignore_eos: true, stream: true });
+    const res = await fetch(`${fx.baseUrl}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
+    assert.equal(res.status, 200);
+    const reader = res.body!.getReader();
+    await reader.read(); // the stream has started on version 1
+    const swap = await put('hot', form({ ...good, weights: good.weights }));
+    assert.equal(swap.status, 200);
+    assert.equal(swap.json.version, 2);
+    let text = '';
+    for (let r = await reader.read(); !r.done; r = await reader.read()) text += new TextDecoder().decode(r.value);
+    assert.match(text, /data: \[DONE\]/);
+    assert.doesNotMatch(text, /"error"/);
+    const next = await fetch(`${fx.baseUrl}/v1/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'hot', prompt: 'hello', max_tokens: 2 }),
+    });
+    assert.equal(next.status, 200);
+    assert.equal(((await (await fetch(`${fx.baseUrl}/v1/adapters/hot`)).json()) as { version: number }).version, 2);
+    await fetch(`${fx.baseUrl}/v1/adapters/hot`, { method: 'DELETE' });
+  });
+
   test('bad uploads get 4xx with a JSON error and change nothing', async () => {
     const before = await listIds();
     const nan = Buffer.from(good.weights);

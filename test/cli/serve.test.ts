@@ -1,0 +1,43 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, test } from 'node:test';
+
+let dataDir: string | undefined;
+after(async () => dataDir && rm(dataDir, { recursive: true, force: true }));
+
+test('serve without --model creates the demo model, prints a working curl line, and answers it', async () => {
+  dataDir = await mkdtemp(join(tmpdir(), 'lora-gateway-serve-'));
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--data', dataDir, '--port', '0', '--backend', 'wasm'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  try {
+    let log = '';
+    const curl = await new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no curl line within 60 s:\n${log}`)), 60_000);
+      child.stderr.on('data', (d: Buffer) => {
+        log += d.toString();
+        const m = /try: (curl .*)\n/.exec(log);
+        if (m) {
+          clearTimeout(timer);
+          resolve(m[1]);
+        }
+      });
+      child.once('exit', (code) => reject(new Error(`serve exited with ${code}:\n${log}`)));
+    });
+    assert.match(log, /tensor backend: wasm/);
+    assert.match(log, /serving demo-model with 4 adapters/);
+    // run what the printed line asks for
+    const url = /curl -s (\S+)/.exec(curl)![1];
+    const body = /-d '(.*)'$/.exec(curl)![1];
+    const res = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body });
+    assert.equal(res.status, 200);
+    const json = (await res.json()) as { object: string; choices: { text: string }[] };
+    assert.equal(json.object, 'text_completion');
+    assert.equal(typeof json.choices[0].text, 'string');
+  } finally {
+    child.kill('SIGTERM');
+  }
+});

@@ -17,21 +17,9 @@ import { llamaWeightsFromArrays, PROJECTIONS, projectionModulePath, projectionSh
 import { parseModelConfig, type ModelConfig } from '../src/model/model-config.js';
 import { uploadAdapter } from '../src/model/peft-adapter-reader.js';
 import { randomLlamaWeights, randomLoraWeights } from '../src/model/random-weights.js';
+import { SMOLLM2_135M_SHAPE } from '../src/model/model-shapes.js';
 import { SeededRandom } from '../src/model/seeded-random.js';
 
-const SMOLLM2_135M_SHAPE = {
-  architectures: ['LlamaForCausalLM'],
-  hidden_size: 576,
-  intermediate_size: 1536,
-  num_hidden_layers: 30,
-  num_attention_heads: 9,
-  num_key_value_heads: 3,
-  vocab_size: 49152,
-  max_position_embeddings: 8192,
-  rms_norm_eps: 1e-5,
-  rope_theta: 100000,
-  tie_word_embeddings: true,
-};
 
 const { values } = parseArgs({
   options: { steps: { type: 'string', default: '8' }, prompt: { type: 'string', default: '32' }, backend: { type: 'string', default: 'auto' } },
@@ -178,7 +166,7 @@ async function main(): Promise<void> {
   const config = parseModelConfig(SMOLLM2_135M_SHAPE);
   console.log(`machine: ${os.cpus()[0]?.model ?? 'unknown cpu'}, ${os.cpus().length} cores; node ${process.version}; backend ${backend.name}`);
   console.log('building a SmolLM2-135M-shaped model with random weights ...');
-  const model = new LlamaModel(config, llamaWeightsFromArrays(config, randomLlamaWeights(SMOLLM2_135M_SHAPE, 7)));
+  const model = new LlamaModel(config, llamaWeightsFromArrays(config, randomLlamaWeights({ ...SMOLLM2_135M_SHAPE }, 7)));
   const mm = matmulRate(1024, 5);
   console.log(`backend matMul 1024³: ${(mm / 1e9).toFixed(2)} GFLOP/s`);
   console.log(`decode: prompt ${PROMPT} tokens, ${STEPS} timed steps after one warm-up step`);
@@ -195,7 +183,7 @@ async function main(): Promise<void> {
   console.log('| distinct adapters | strategy | tokens/s | vs base |');
   console.log('|---|---|---|---|');
   for (const count of [1, 8, 32]) {
-    const adapters = makeAdapters(SMOLLM2_135M_SHAPE, config, count);
+    const adapters = makeAdapters({ ...SMOLLM2_135M_SHAPE }, config, count);
     const perRow = Array.from({ length: 32 }, (_, b) => adapters[b % count]);
     for (const strategy of ['auto', 'stacked', 'segmented'] as LoraStrategy[]) {
       const { rate, ratio } = await relativeRate(model, perRow, strategy);

@@ -2,20 +2,13 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { LoraGatewayError } from '../../src/errors.js';
 import { parseModelConfig } from '../../src/model/model-config.js';
+import { SMOLLM2_135M_SHAPE } from '../../src/model/model-shapes.js';
 import { resolvePeftConfig } from '../../src/model/peft-config.js';
 import { SeededRandom } from '../../src/model/seeded-random.js';
 import { PagePool, type PageKind } from '../../src/pager/page-pool.js';
 import { adapterPages, kvPagesPerToken, loraModulePages, pageBytes } from '../../src/pager/page-sizes.js';
 
-const smol = parseModelConfig({
-  architectures: ['LlamaForCausalLM'],
-  hidden_size: 576,
-  intermediate_size: 1536,
-  num_hidden_layers: 30,
-  num_attention_heads: 9,
-  num_key_value_heads: 3,
-  vocab_size: 49152,
-});
+const smol = parseModelConfig(SMOLLM2_135M_SHAPE);
 
 describe('page sizes', () => {
   test('a page is one hidden-size float32 vector', () => {

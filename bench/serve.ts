@@ -28,25 +28,13 @@ import { LlamaModel } from '../src/model/llama-model.js';
 import { llamaWeightsFromArrays, projectionModulePath, type ProjectionName } from '../src/model/llama-weights.js';
 import { parseModelConfig } from '../src/model/model-config.js';
 import { randomLlamaWeights, randomLoraWeights } from '../src/model/random-weights.js';
+import { SMOLLM2_135M_SHAPE } from '../src/model/model-shapes.js';
 import { SeededRandom } from '../src/model/seeded-random.js';
 import { TextTokenizer } from '../src/model/tokenizer.js';
 import type { AdapterFiles } from '../src/pager/adapter-store.js';
 import { pageBytes } from '../src/pager/page-sizes.js';
 import { Gateway } from '../src/serving/gateway.js';
 
-const SMOLLM2_135M_SHAPE = {
-  architectures: ['LlamaForCausalLM'],
-  hidden_size: 576,
-  intermediate_size: 1536,
-  num_hidden_layers: 30,
-  num_attention_heads: 9,
-  num_key_value_heads: 3,
-  vocab_size: 49152,
-  max_position_embeddings: 8192,
-  rms_norm_eps: 1e-5,
-  rope_theta: 100000,
-  tie_word_embeddings: true,
-};
 const MODEL_ID = 'smollm2-135m-random';
 const MiB = 1024 * 1024;
 
@@ -262,10 +250,31 @@ interface CellResult {
   trace: TraceRequest[];
   durationS: number;
   meanBatch: number;
+  steps: StepTimes;
   devicePeakMiB: number;
   rssPeakMiB: number;
+  wasmHeapMiB: number;
   deviceLoads: number;
   diskReads: number;
+}
+
+/**
+ * Wall time between consecutive scheduler steps while the batcher had work, split into steps
+ * that admitted requests (prefill of the new prompts + repacking the decode batch + one decode)
+ * and decode-only steps. HTTP and SSE handling between steps is included in both.
+ */
+interface StepTimes {
+  decodeSteps: number;
+  decodeMs: number;
+  decodeRows: number;
+  admitSteps: number;
+  admitMs: number;
+  /** Sum of the pager's device-load times (host or disk read + upload), seconds. */
+  adapterLoadS: number;
+}
+
+function wasmHeapBytes(): number {
+  return (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }).wasm?.HEAPU8?.length ?? 0;
 }
 
 async function runCell(shared: Shared, adapters: number, alpha: number, system: SystemName, label = ''): Promise<CellResult> {
@@ -274,11 +283,28 @@ async function runCell(shared: Shared, adapters: number, alpha: number, system: 
   let steps = 0;
   let rowsDecoded = 0;
   let peakPages = 0;
+  const times: StepTimes = { decodeSteps: 0, decodeMs: 0, decodeRows: 0, admitSteps: 0, admitMs: 0, adapterLoadS: 0 };
+  served.gateway.onAdapterLoad((s) => (times.adapterLoadS += s));
+  let lastStepAt = performance.now();
+  let busy = false;
   served.gateway.onStep((info) => {
-    if (info.running > 0) {
+    const now = performance.now();
+    // sequences that finished in this step were decoded in it too
+    const rows = info.running + info.finished;
+    if (rows > 0) {
       steps++;
-      rowsDecoded += info.running;
+      rowsDecoded += rows;
     }
+    if (busy && info.admitted > 0) {
+      times.admitSteps++;
+      times.admitMs += now - lastStepAt;
+    } else if (busy && rows > 0) {
+      times.decodeSteps++;
+      times.decodeMs += now - lastStepAt;
+      times.decodeRows += rows;
+    }
+    busy = info.running > 0 || info.waiting > 0;
+    lastStepAt = now;
     const p = served.gateway.stats().pages;
     peakPages = Math.max(peakPages, p.kv + p.adapter);
   });
@@ -306,8 +332,10 @@ async function runCell(shared: Shared, adapters: number, alpha: number, system: 
     trace,
     durationS,
     meanBatch: steps > 0 ? rowsDecoded / steps : 0,
+    steps: times,
     devicePeakMiB: (peakPages * pageBytes(shared.model.config)) / MiB,
     rssPeakMiB: Math.max(rssPeak, process.memoryUsage().rss) / MiB,
+    wasmHeapMiB: wasmHeapBytes() / MiB,
     deviceLoads: pager.deviceLoads,
     diskReads: pager.hostMisses,
   };
@@ -426,6 +454,20 @@ function printRow(c: CellResult, s: Summary): void {
   for (const o of c.outcomes.filter((x) => !x.ok).slice(0, 3)) console.log(`    failure: ${o.error}`);
 }
 
+function printStepRow(c: CellResult): void {
+  const t = c.steps;
+  const busyMs = t.decodeMs + t.admitMs;
+  const ok = c.outcomes.map((o, i) => (o.ok ? c.trace[i].promptIds.length + o.completionTokens : 0));
+  const allTokPerS = ok.reduce((a, b) => a + b, 0) / c.durationS;
+  const decodeMs = t.decodeSteps > 0 ? t.decodeMs / t.decodeSteps : NaN;
+  const decodeRows = t.decodeSteps > 0 ? t.decodeRows / t.decodeSteps : NaN;
+  console.log(
+    `| ${c.adapters} | ${c.alpha} | ${c.system}${c.label} | ${t.decodeSteps} | ${decodeMs.toFixed(0)} | ${decodeRows.toFixed(1)} | ${((1000 * decodeRows) / decodeMs).toFixed(1)} | ` +
+      `${t.admitSteps} | ${t.admitSteps > 0 ? (t.admitMs / t.admitSteps).toFixed(0) : '–'} | ${busyMs > 0 ? ((100 * t.admitMs) / busyMs).toFixed(0) : '–'}% | ` +
+      `${allTokPerS.toFixed(1)} | ${t.adapterLoadS.toFixed(1)} | ${c.wasmHeapMiB.toFixed(0)} |`,
+  );
+}
+
 function verdict(ratio: number, target: number): string {
   return `${f2(ratio)}× (target ≥ ${target}×: ${ratio >= target ? 'met' : 'NOT met'})`;
 }
@@ -466,7 +508,8 @@ async function main(): Promise<void> {
     // gateway and baseline back to back in alternating order, so drift over the run does not favour one
     let flip = false;
     for (const n of opts.adapterCounts) {
-      for (const alpha of opts.alphas) {
+      // with one adapter every α gives the same trace (floor(x·1) = 0): measured once
+      for (const alpha of n === 1 ? opts.alphas.slice(0, 1) : opts.alphas) {
         const order: SystemName[] = flip ? ['baseline', 'gateway'] : ['gateway', 'baseline'];
         flip = !flip;
         for (const system of order) record(await runCell(shared, n, alpha, system));
@@ -475,18 +518,27 @@ async function main(): Promise<void> {
     const fewest = Math.min(...opts.adapterCounts);
     if (opts.adapterCounts.length > 1) record(await runCell(shared, fewest, opts.alphas[0], 'gateway', ', rerun at the end'));
 
+    console.log('\nwhere the time went (wall time between scheduler steps while busy; "admission" steps prefill new prompts and repack the decode batch):');
+    console.log(
+      '| adapters | α | system | decode-only steps | ms each | rows each | tok/s in them | admission steps | ms each | share of busy time | prompt+output tok/s | adapter loads s | wasm heap MiB |',
+    );
+    console.log('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
+    for (const { cell } of cells) printStepRow(cell);
+
     const throughput = (n: number, alpha: number | undefined, system: SystemName) =>
       cells.filter(({ cell: c }) => c.adapters === n && (alpha === undefined || c.alpha === alpha) && c.system === system).map(({ summary }) => summary.reqPerS);
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     console.log('\nacceptance ratios (request throughput):');
     for (const alpha of opts.alphas) {
       const n = opts.adapterCounts.includes(100) ? 100 : Math.max(...opts.adapterCounts);
+      if (n === 1 && alpha !== opts.alphas[0]) continue;
       console.log(`  α=${alpha}: gateway / baseline at ${n} adapters: ${verdict(mean(throughput(n, alpha, 'gateway')) / mean(throughput(n, alpha, 'baseline')), 3)}`);
     }
-    // with one adapter every α gives the same trace, so all gateway cells at `fewest` measure the same thing
-    const ref = throughput(fewest, undefined, 'gateway');
     for (const alpha of opts.alphas) {
       const most = Math.max(...opts.adapterCounts);
+      if (most === 1 && alpha !== opts.alphas[0]) continue;
+      // with one adapter every α gives the same trace, so every gateway cell at 1 adapter measures the same thing
+      const ref = throughput(fewest, fewest === 1 ? undefined : alpha, 'gateway');
       console.log(
         `  α=${alpha}: gateway at ${most} adapters / at ${fewest} (mean of ${ref.map(f2).join(', ')} req/s): ${verdict(mean(throughput(most, alpha, 'gateway')) / mean(ref), 0.8)}`,
       );

@@ -2,7 +2,7 @@
  * config.json of well-known model shapes, for benchmarks and sizing with random weights
  * (nothing is downloaded). Values as published in the models' own config.json.
  */
-export const SMOLLM2_135M_SHAPE: Readonly<Record<string, unknown>> = Object.freeze({
+export const SMOLLM2_135M_SHAPE = Object.freeze({
   architectures: ['LlamaForCausalLM'],
   model_type: 'llama',
   hidden_size: 576,

@@ -34,6 +34,7 @@ import { TextTokenizer } from '../src/model/tokenizer.js';
 import type { AdapterFiles } from '../src/pager/adapter-store.js';
 import { pageBytes } from '../src/pager/page-sizes.js';
 import { Gateway } from '../src/serving/gateway.js';
+import { f2, printRow, printStepRow, quantile, summarize, verdict, type CellResult, type Outcome, type StepTimes, type Summary, type SystemName, type TraceRequest } from './serve-report.js';
 
 const MODEL_ID = 'smollm2-135m-random';
 const MiB = 1024 * 1024;
@@ -87,13 +88,6 @@ const opts = {
 // ---------------------------------------------------------------------------------------------
 // Workload: S-LoRA's generate_requests, on SeededRandom
 
-interface TraceRequest {
-  /** Seconds after the start of the cell. */
-  arrivalS: number;
-  adapter: number;
-  promptIds: number[];
-  outputLen: number;
-}
 
 /** Gamma(shape k, scale θ) by Marsaglia–Tsang; k < 1 via the k+1 boost. */
 function gamma(rng: SeededRandom, k: number, theta: number): number {
@@ -136,15 +130,6 @@ const adapterId = (i: number) => `bench-${i}`;
 
 // ---------------------------------------------------------------------------------------------
 // HTTP client: one streamed /v1/completions request
-
-interface Outcome {
-  ok: boolean;
-  /** Seconds from the scheduled arrival. */
-  e2eS: number;
-  ttftS?: number;
-  completionTokens: number;
-  error?: string;
-}
 
 async function sendCompletion(baseUrl: string, req: TraceRequest, scheduledAt: number): Promise<Outcome> {
   const fail = (error: string): Outcome => ({ ok: false, e2eS: (performance.now() - scheduledAt) / 1000, completionTokens: 0, error });
@@ -194,8 +179,6 @@ async function sendCompletion(baseUrl: string, req: TraceRequest, scheduledAt: n
 // ---------------------------------------------------------------------------------------------
 // Serving one cell
 
-type SystemName = 'gateway' | 'baseline';
-
 interface Served {
   baseUrl: string;
   gateway: Gateway;
@@ -239,38 +222,6 @@ async function serve(shared: Shared, system: SystemName): Promise<Served> {
       await gateway.close();
     },
   };
-}
-
-interface CellResult {
-  adapters: number;
-  alpha: number;
-  system: SystemName;
-  label: string;
-  outcomes: Outcome[];
-  trace: TraceRequest[];
-  durationS: number;
-  meanBatch: number;
-  steps: StepTimes;
-  devicePeakMiB: number;
-  rssPeakMiB: number;
-  wasmHeapMiB: number;
-  deviceLoads: number;
-  diskReads: number;
-}
-
-/**
- * Wall time between consecutive scheduler steps while the batcher had work, split into steps
- * that admitted requests (prefill of the new prompts + repacking the decode batch + one decode)
- * and decode-only steps. HTTP and SSE handling between steps is included in both.
- */
-interface StepTimes {
-  decodeSteps: number;
-  decodeMs: number;
-  decodeRows: number;
-  admitSteps: number;
-  admitMs: number;
-  /** Sum of the pager's device-load times (host or disk read + upload), seconds. */
-  adapterLoadS: number;
 }
 
 function wasmHeapBytes(): number {
@@ -406,72 +357,6 @@ async function perTokenLatencyS(shared: Shared): Promise<number> {
   return quantile(times, 0.5);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Report
-
-/** numpy.percentile's default (linear interpolation between closest ranks). */
-function quantile(xs: number[], q: number): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const pos = (s.length - 1) * q;
-  const lo = Math.floor(pos);
-  return s[lo] + (s[Math.min(lo + 1, s.length - 1)] - s[lo]) * (pos - lo);
-}
-
-interface Summary {
-  reqPerS: number;
-  tokPerS: number;
-  failures: number;
-  e2e: [number, number, number];
-  ttft: [number, number];
-  slo: number;
-}
-
-function summarize(c: CellResult, perTokenS: number): Summary {
-  const ok = c.outcomes.filter((o) => o.ok);
-  const e2e = ok.map((o) => o.e2eS);
-  const ttft = ok.flatMap((o) => (o.ttftS === undefined ? [] : [o.ttftS]));
-  const met = c.outcomes.filter((o, i) => o.ok && o.e2eS <= opts.sloFactor * c.trace[i].outputLen * perTokenS).length;
-  return {
-    reqPerS: ok.length / c.durationS,
-    tokPerS: ok.reduce((s, o) => s + o.completionTokens, 0) / c.durationS,
-    failures: c.outcomes.length - ok.length,
-    e2e: [quantile(e2e, 0.5), quantile(e2e, 0.9), quantile(e2e, 0.99)],
-    ttft: [quantile(ttft, 0.5), quantile(ttft, 0.9)],
-    slo: met / c.outcomes.length,
-  };
-}
-
-const f2 = (x: number) => x.toFixed(2);
-
-function printRow(c: CellResult, s: Summary): void {
-  const system = `${c.system === 'gateway' ? `gateway (≤${opts.maxAdaptersPerBatch}/batch)` : 'baseline (1/batch)'}${c.label}`;
-  const distinct = new Set(c.trace.map((r) => r.adapter)).size;
-  console.log(
-    `| ${c.adapters} | ${c.alpha} | ${distinct} | ${system} | ${f2(s.reqPerS)} | ${s.tokPerS.toFixed(1)} | ${s.e2e.map(f2).join(' / ')} | ${s.ttft.map(f2).join(' / ')} | ` +
-      `${(100 * s.slo).toFixed(0)}% | ${c.meanBatch.toFixed(1)} | ${c.deviceLoads} / ${c.diskReads} | ${c.devicePeakMiB.toFixed(0)} | ${c.rssPeakMiB.toFixed(0)} | ${c.durationS.toFixed(1)}${s.failures ? ` | ${s.failures} failed` : ''} |`,
-  );
-  for (const o of c.outcomes.filter((x) => !x.ok).slice(0, 3)) console.log(`    failure: ${o.error}`);
-}
-
-function printStepRow(c: CellResult): void {
-  const t = c.steps;
-  const busyMs = t.decodeMs + t.admitMs;
-  const ok = c.outcomes.map((o, i) => (o.ok ? c.trace[i].promptIds.length + o.completionTokens : 0));
-  const allTokPerS = ok.reduce((a, b) => a + b, 0) / c.durationS;
-  const decodeMs = t.decodeSteps > 0 ? t.decodeMs / t.decodeSteps : NaN;
-  const decodeRows = t.decodeSteps > 0 ? t.decodeRows / t.decodeSteps : NaN;
-  console.log(
-    `| ${c.adapters} | ${c.alpha} | ${c.system}${c.label} | ${t.decodeSteps} | ${decodeMs.toFixed(0)} | ${decodeRows.toFixed(1)} | ${((1000 * decodeRows) / decodeMs).toFixed(1)} | ` +
-      `${t.admitSteps} | ${t.admitSteps > 0 ? (t.admitMs / t.admitSteps).toFixed(0) : '–'} | ${busyMs > 0 ? ((100 * t.admitMs) / busyMs).toFixed(0) : '–'}% | ` +
-      `${allTokPerS.toFixed(1)} | ${t.adapterLoadS.toFixed(1)} | ${c.wasmHeapMiB.toFixed(0)} |`,
-  );
-}
-
-function verdict(ratio: number, target: number): string {
-  return `${f2(ratio)}× (target ≥ ${target}×: ${ratio >= target ? 'met' : 'NOT met'})`;
-}
-
 async function main(): Promise<void> {
   const backend = await resolveBackend(flags.backend as 'auto', (l) => console.log(l));
   console.log(`machine: ${os.cpus()[0]?.model ?? 'unknown cpu'}, ${os.cpus().length} cores, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB; node ${process.version}; backend ${backend.name}; ${new Date().toISOString()}`);
@@ -501,9 +386,9 @@ async function main(): Promise<void> {
     console.log('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|');
     const cells: { cell: CellResult; summary: Summary }[] = [];
     const record = (cell: CellResult) => {
-      const summary = summarize(cell, perTokenS);
+      const summary = summarize(cell, perTokenS, opts.sloFactor);
       cells.push({ cell, summary });
-      printRow(cell, summary);
+      printRow(cell, summary, opts.maxAdaptersPerBatch);
     };
     // gateway and baseline back to back in alternating order, so drift over the run does not favour one
     let flip = false;

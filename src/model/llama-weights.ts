@@ -5,10 +5,6 @@ import type { ModelConfig } from './model-config.js';
 export const PROJECTIONS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
 export type ProjectionName = (typeof PROJECTIONS)[number];
 
-export function isProjectionName(s: string): s is ProjectionName {
-  return (PROJECTIONS as readonly string[]).includes(s);
-}
-
 /** Module path of a projection inside the HF model, as PEFT names it (`model.layers.3.self_attn.q_proj`). */
 export function projectionModulePath(layer: number, proj: ProjectionName): string {
   const block = proj === 'gate_proj' || proj === 'up_proj' || proj === 'down_proj' ? 'mlp' : 'self_attn';

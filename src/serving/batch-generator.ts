@@ -65,12 +65,47 @@ export function scored(row: Float32Array, tokenId: number, n: number): ScoredTok
   return { tokenId, logprob: lp[tokenId], top: topLogprobs(lp, n) };
 }
 
-async function readRows(logits: tf.Tensor2D): Promise<Float32Array> {
+/** Downloads logits to the host and releases the tensor. */
+export async function readRows(logits: tf.Tensor2D): Promise<Float32Array> {
   try {
     return (await logits.data()) as Float32Array;
   } finally {
     logits.dispose();
   }
+}
+
+type PrefillShape = Pick<GenerationRequest, 'promptIds' | 'maxTokens' | 'echo' | 'logprobs'>;
+
+/** The logits rows a prefill needs: every prompt position with echo, else the last one when tokens will be generated. */
+export function prefillLogits(r: PrefillShape): 'all' | 'last' | 'none' {
+  return r.echo ? 'all' : r.maxTokens > 0 ? 'last' : 'none';
+}
+
+/**
+ * Walks a prefill's logits rows (laid out by prefillLogits, in request order): pushes each echoed
+ * prompt token's score into its `promptLogprobs`, and returns per request the row that samples
+ * its first token (undefined when max_tokens is 0).
+ */
+export function splitPrefillRows(
+  requests: PrefillShape[],
+  rows: Float32Array,
+  vocabSize: number,
+  promptLogprobs: ((ScoredToken | null)[] | undefined)[],
+): (Float32Array | undefined)[] {
+  const V = vocabSize;
+  let row = 0;
+  return requests.map((r, i) => {
+    if (r.echo) {
+      for (let t = 1; t < r.promptIds.length; t++) {
+        promptLogprobs[i]!.push(scored(rows.subarray((row + t - 1) * V, (row + t) * V), r.promptIds[t], r.logprobs ?? 0));
+      }
+      row += r.promptIds.length - 1;
+    }
+    if (prefillLogits(r) === 'none') return undefined;
+    const first = rows.subarray(row * V, (row + 1) * V);
+    row += 1;
+    return r.maxTokens > 0 ? first : undefined;
+  });
 }
 
 /**
@@ -112,24 +147,13 @@ export async function generateBatch(model: LlamaModel, requests: GenerationReque
       tokens: r.promptIds,
       cache: caches[i],
       adapter: r.adapter,
-      logits: r.echo ? 'all' : r.maxTokens > 0 ? 'last' : 'none',
+      logits: prefillLogits(r),
     }));
     const prefill = await readRows(forwardSequences(model, steps, forwardOptions));
-    let row = 0;
+    const firstRows = splitPrefillRows(requests, prefill, V, results.map((r) => r.promptLogprobs));
     const live: number[] = [];
-    requests.forEach((r, i) => {
-      if (r.echo) {
-        for (let t = 1; t < r.promptIds.length; t++) {
-          results[i].promptLogprobs!.push(scored(prefill.subarray((row + t - 1) * V, (row + t) * V), r.promptIds[t], r.logprobs ?? 0));
-        }
-        row += r.promptIds.length - 1;
-      }
-      if (r.maxTokens > 0) {
-        if (accept(i, prefill.subarray(row * V, (row + 1) * V))) live.push(i);
-        row += 1;
-      } else if (r.echo) {
-        row += 1;
-      }
+    firstRows.forEach((row, i) => {
+      if (row && accept(i, row)) live.push(i);
     });
 
     if (live.length > 0) {

@@ -1,4 +1,3 @@
-import type * as tf from '@tensorflow/tfjs-core';
 import { AdapterError, LoraGatewayError, RequestError } from '../errors.js';
 import { DecodeBatchCache, type SequenceKvCache } from '../model/kv-cache.js';
 import type { LoraAdapter } from '../model/lora-adapter.js';
@@ -8,7 +7,7 @@ import type { AdapterPager } from '../pager/adapter-pager.js';
 import type { AdapterRecord, AdapterStore } from '../pager/adapter-store.js';
 import type { PagePool } from '../pager/page-pool.js';
 import { kvPagesPerToken } from '../pager/page-sizes.js';
-import { scored, validateRequest, type GenerationResult } from './batch-generator.js';
+import { prefillLogits, readRows, scored, splitPrefillRows, validateRequest, type GenerationResult } from './batch-generator.js';
 import { FairQueue } from './fair-queue.js';
 import { TokenSampler } from './sampler.js';
 import type { CompletionRequest, TokenEvent } from './serving-engine.js';
@@ -235,37 +234,25 @@ export class ContinuousBatcher {
 
   private async prefill(admitted: Sequence[], finished: Sequence[]): Promise<void> {
     const { model, loraStrategy } = this.parts;
-    const V = model.config.vocabSize;
     for (const s of admitted) s.cache = model.newCache();
-    const logits = forwardSequences(
-      model,
-      admitted.map((s) => ({
-        tokens: s.request.promptIds,
-        cache: s.cache,
-        adapter: s.adapter,
-        logits: s.request.echo ? ('all' as const) : s.request.maxTokens > 0 ? ('last' as const) : ('none' as const),
-      })),
-      { loraStrategy, stackCache: this.stackCache },
+    const rows = await readRows(
+      forwardSequences(
+        model,
+        admitted.map((s) => ({ tokens: s.request.promptIds, cache: s.cache, adapter: s.adapter, logits: prefillLogits(s.request) })),
+        { loraStrategy, stackCache: this.stackCache },
+      ),
     );
-    const rows = await readAndDispose(logits);
-    let row = 0;
-    for (const s of admitted) {
-      const n = s.request.promptIds.length;
+    const firstRows = splitPrefillRows(
+      admitted.map((s) => s.request),
+      rows,
+      model.config.vocabSize,
+      admitted.map((s) => s.result.promptLogprobs),
+    );
+    admitted.forEach((s, i) => {
       this.running.push(s);
-      if (s.request.echo) {
-        for (let t = 1; t < n; t++) {
-          s.result.promptLogprobs!.push(scored(rows.subarray((row + t - 1) * V, (row + t) * V), s.request.promptIds[t], s.request.logprobs ?? 0));
-        }
-        row += n - 1;
-      }
-      if (s.request.maxTokens > 0) {
-        if (!this.accept(s, rows.subarray(row * V, (row + 1) * V))) finished.push(s);
-        row++;
-      } else {
-        if (s.request.echo) row++;
-        finished.push(s);
-      }
-    }
+      const first = firstRows[i];
+      if (!first || !this.accept(s, first)) finished.push(s);
+    });
     for (const s of finished) this.complete(s);
   }
 
@@ -274,7 +261,7 @@ export class ContinuousBatcher {
     const V = model.config.vocabSize;
     const tokens = live.map((s) => s.result.tokenIds[s.result.tokenIds.length - 1]);
     const logits = forwardDecode(model, this.batch!, tokens, live.map((s) => s.adapter), { loraStrategy, stackCache: this.stackCache });
-    const rows = await readAndDispose(logits);
+    const rows = await readRows(logits);
     const keep: number[] = [];
     live.forEach((s, b) => {
       if (this.accept(s, rows.subarray(b * V, (b + 1) * V))) keep.push(b);
@@ -367,13 +354,5 @@ export class ContinuousBatcher {
   close(): void {
     this.disposeBatch();
     this.stackCache.clear();
-  }
-}
-
-async function readAndDispose(t: tf.Tensor2D): Promise<Float32Array> {
-  try {
-    return (await t.data()) as Float32Array;
-  } finally {
-    t.dispose();
   }
 }

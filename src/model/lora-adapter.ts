@@ -15,9 +15,13 @@ export function loraModuleKey(layer: number, proj: ProjectionName): string {
   return `${layer}.${proj}`;
 }
 
+let nextSerial = 1;
+
 /** A PEFT LoRA adapter resident as tensors. The base weights are never touched. */
 export class LoraAdapter {
   readonly id: string;
+  /** Unique per loaded instance: a stable order for stacking, unlike ids (a re-upload reuses the id). */
+  readonly serial = nextSerial++;
   /** Largest rank among its modules. */
   readonly rank: number;
   readonly targets: ReadonlySet<ProjectionName>;
@@ -38,6 +42,10 @@ export class LoraAdapter {
     }
     this.rank = rank;
     this.bytes = bytes;
+  }
+
+  get isDisposed(): boolean {
+    return this.disposed;
   }
 
   module(layer: number, proj: ProjectionName): LoraModuleWeights | undefined {

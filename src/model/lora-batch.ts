@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { LoraAdapter, LoraModuleWeights } from './lora-adapter.js';
 import type { ProjectionName } from './llama-weights.js';
+import type { LoraStack, LoraStackCache, LoraStackChunk } from './lora-stack-cache.js';
 
 /** Rows [start, start+count) of the flattened token batch use `adapter` (null: base model only). */
 export interface LoraRowSegment {
@@ -24,53 +25,6 @@ export interface LoraCostModel {
 }
 
 export const WASM_COST_MODEL: LoraCostModel = { flopsPerSecond: 16e9, secondsPerOp: 20e-6, secondsPerElement: 4e-9 };
-
-let nextSerial = 1;
-const serials = new WeakMap<LoraAdapter, number>();
-function serialOf(a: LoraAdapter): number {
-  let s = serials.get(a);
-  if (s === undefined) serials.set(a, (s = nextSerial++));
-  return s;
-}
-
-interface Stack {
-  /** [in, R]: the participating adapters' Aᵀ side by side. */
-  aCat: tf.Tensor2D;
-  /** [R, out]: their Bᵀ stacked. */
-  bCat: tf.Tensor2D;
-}
-
-/**
- * Concatenated A/B matrices per (module, adapter set), kept across decode steps: while the
- * set of adapters in the batch does not change, re-concatenating them every step would
- * cost ~2 ops × modules × layers for nothing. The owner clears it when adapters change.
- */
-export class LoraStackCache {
-  private readonly stacks = new Map<string, Stack>();
-
-  get(key: string, build: () => Stack): Stack {
-    let s = this.stacks.get(key);
-    if (!s) {
-      s = build();
-      tf.keep(s.aCat);
-      tf.keep(s.bCat);
-      this.stacks.set(key, s);
-    }
-    return s;
-  }
-
-  get size(): number {
-    return this.stacks.size;
-  }
-
-  clear(): void {
-    for (const s of this.stacks.values()) {
-      s.aCat.dispose();
-      s.bCat.dispose();
-    }
-    this.stacks.clear();
-  }
-}
 
 interface Participant {
   adapter: LoraAdapter;
@@ -97,6 +51,9 @@ export class LoraBatch {
   private readonly stackCache: LoraStackCache | undefined;
   private readonly masks = new Map<string, tf.Tensor2D>();
   private readonly anyAdapter: boolean;
+  /** Row segments of each adapter in the batch. */
+  private readonly rowsOf = new Map<LoraAdapter, LoraRowSegment[]>();
+  private chunks: readonly LoraStackChunk[] | undefined;
   /** The path the last delta() took, for benchmarks and diagnostics. */
   lastChoice: 'single' | 'stacked' | 'segmented' | undefined;
 
@@ -111,6 +68,12 @@ export class LoraBatch {
     this.cost = options.cost ?? WASM_COST_MODEL;
     this.stackCache = options.stackCache;
     this.anyAdapter = segments.some((s) => s.adapter !== null && s.count > 0);
+    for (const seg of segments) {
+      if (!seg.adapter || seg.count === 0) continue;
+      const list = this.rowsOf.get(seg.adapter);
+      if (list) list.push(seg);
+      else this.rowsOf.set(seg.adapter, [seg]);
+    }
   }
 
   dispose(): void {
@@ -163,32 +126,54 @@ export class LoraBatch {
   }
 
   private stacked(layer: number, proj: ProjectionName, x: tf.Tensor2D, ps: Participant[]): tf.Tensor2D {
-    const setKey = ps.map((p) => serialOf(p.adapter)).join(',');
-    const build = (): Stack => ({
-      aCat: tf.concat(ps.map((p) => p.weights.aT), 1),
-      bCat: tf.concat(ps.map((p) => p.weights.bT), 0),
-    });
-    const stack = this.stackCache ? this.stackCache.get(`${layer}.${proj}|${setKey}`, build) : build();
-    // Modules adapted by the same adapters in the same order share one mask.
-    const maskKey = ps.map((p) => `${serialOf(p.adapter)}:${p.weights.rank}:${p.weights.scale}`).join(',');
-    let mask = this.masks.get(maskKey);
+    let stacks: LoraStack[];
+    if (this.stackCache) {
+      this.chunks ??= this.stackCache.plan(new Set(this.rowsOf.keys()));
+      stacks = this.chunks.flatMap((c) => {
+        const st = c.stack(layer, proj);
+        return st && st.members.some((m) => this.rowsOf.has(m.adapter)) ? [st] : [];
+      });
+    } else {
+      // a one-off stack inside the caller's tidy
+      stacks = [
+        {
+          aCat: tf.concat(ps.map((p) => p.weights.aT), 1),
+          bCat: tf.concat(ps.map((p) => p.weights.bT), 0),
+          members: ps.map((p) => ({ adapter: p.adapter, rank: p.weights.rank, scale: p.weights.scale })),
+        },
+      ];
+    }
+    let sum: tf.Tensor2D | undefined;
+    for (const st of stacks) {
+      const d = tf.matMul(tf.mul(tf.matMul(x, st.aCat), this.mask(st)) as tf.Tensor2D, st.bCat) as tf.Tensor2D;
+      sum = sum ? (tf.add(sum, d) as tf.Tensor2D) : d;
+    }
+    return sum!;
+  }
+
+  /**
+   * [T, R] with scale_a in the columns of adapter a on the rows that use a, else 0 (rows of
+   * other adapters, of no adapter, or members that have left the batch). Stacks with the same
+   * members, ranks and scales share one mask for the whole step.
+   */
+  private mask(st: LoraStack): tf.Tensor2D {
+    const key = st.members.map((m) => `${m.adapter.serial}:${m.rank}:${m.scale}`).join(',');
+    let mask = this.masks.get(key);
     if (!mask) {
-      const totalRank = stack.aCat.shape[1];
+      const totalRank = st.aCat.shape[1];
       const m = new Float32Array(this.totalRows * totalRank);
       let col = 0;
-      for (const p of ps) {
-        for (const seg of p.segments) {
-          for (let t = seg.start; t < seg.start + seg.count; t++) {
-            m.fill(p.weights.scale, t * totalRank + col, t * totalRank + col + p.weights.rank);
-          }
+      for (const member of st.members) {
+        for (const seg of this.rowsOf.get(member.adapter) ?? []) {
+          for (let t = seg.start; t < seg.start + seg.count; t++) m.fill(member.scale, t * totalRank + col, t * totalRank + col + member.rank);
         }
-        col += p.weights.rank;
+        col += member.rank;
       }
-      // kept past the per-layer tidy: every layer with the same adapters reuses it
+      // kept past the per-layer tidy: every layer with the same members reuses it
       mask = tf.keep(tf.tensor2d(m, [this.totalRows, totalRank]));
-      this.masks.set(maskKey, mask);
+      this.masks.set(key, mask);
     }
-    return tf.matMul(tf.mul(tf.matMul(x, stack.aCat), mask) as tf.Tensor2D, stack.bCat);
+    return mask;
   }
 
   /** Consecutive rows that share one module weight (or none), in row order. */

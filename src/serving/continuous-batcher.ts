@@ -1,7 +1,8 @@
 import { AdapterError, LoraGatewayError, RequestError } from '../errors.js';
 import { DecodeBatchCache, type SequenceKvCache } from '../model/kv-cache.js';
 import type { LoraAdapter } from '../model/lora-adapter.js';
-import { LoraStackCache, type LoraStrategy } from '../model/lora-batch.js';
+import type { LoraStrategy } from '../model/lora-batch.js';
+import { LoraStackCache } from '../model/lora-stack-cache.js';
 import { forwardDecode, forwardSequences, type LlamaModel } from '../model/llama-model.js';
 import type { AdapterPager } from '../pager/adapter-pager.js';
 import type { AdapterRecord, AdapterStore } from '../pager/adapter-store.js';
@@ -38,6 +39,8 @@ export interface StepInfo {
   waiting: number;
   admitted: number;
   finished: number;
+  /** Wall time of the step's phases, in milliseconds. */
+  ms: { admit: number; prefill: number; repack: number; decode: number };
 }
 
 interface Sequence {
@@ -167,14 +170,25 @@ export class ContinuousBatcher {
 
   private async step(): Promise<boolean> {
     const before = this.running.length;
+    const ms = { admit: 0, prefill: 0, repack: 0, decode: 0 };
+    let t = performance.now();
+    const lap = (phase: keyof typeof ms) => {
+      const now = performance.now();
+      ms[phase] += now - t;
+      t = now;
+    };
     this.dropCancelled();
     const admitted = await this.admit();
+    lap('admit');
     const finished: Sequence[] = [];
     if (admitted.length > 0) await this.prefill(admitted, finished);
+    lap('prefill');
     const live = this.running.filter((s) => !finished.includes(s));
     if (finished.length > 0 || admitted.length > 0) this.repack(live);
+    lap('repack');
     if (live.length > 0 && this.batch) await this.decode(live, finished);
-    this.parts.onStep?.({ running: this.running.length, waiting: this.waiting.length, admitted: admitted.length, finished: finished.length });
+    lap('decode');
+    this.parts.onStep?.({ running: this.running.length, waiting: this.waiting.length, admitted: admitted.length, finished: finished.length, ms });
     return admitted.length > 0 || before > 0 || finished.length > 0;
   }
 
@@ -239,7 +253,8 @@ export class ContinuousBatcher {
       forwardSequences(
         model,
         admitted.map((s) => ({ tokens: s.request.promptIds, cache: s.cache, adapter: s.adapter, logits: prefillLogits(s.request) })),
-        { loraStrategy, stackCache: this.stackCache },
+        // no stack cache: it holds the decode batch's adapters, which a prefill's set would churn
+        { loraStrategy },
       ),
     );
     const firstRows = splitPrefillRows(
@@ -309,8 +324,6 @@ export class ContinuousBatcher {
       });
       this.disposeBatch();
     }
-    // the adapter set may change here; stacked LoRA copies of the old set are dropped
-    this.stackCache.clear();
     this.running = live;
     if (live.length > 0) {
       this.batch = DecodeBatchCache.pack(live.map((s) => s.cache!), this.parts.model.config.slidingWindow);

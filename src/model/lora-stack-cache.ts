@@ -84,7 +84,12 @@ export class LoraStackCache {
     if (missing.length > 0) kept.push(new LoraStackChunk(missing));
     let liveRank = 0;
     let deadRank = 0;
-    for (const c of kept) for (const a of c.adapters) active.has(a) ? (liveRank += a.rank) : (deadRank += a.rank);
+    for (const c of kept) {
+      for (const a of c.adapters) {
+        if (active.has(a)) liveRank += a.rank;
+        else deadRank += a.rank;
+      }
+    }
     if (kept.length > this.maxChunks || deadRank > liveRank) {
       for (const c of kept) c.dispose();
       this.chunks = [new LoraStackChunk([...active])];

@@ -53,7 +53,7 @@ export class LoraBatch {
   private readonly anyAdapter: boolean;
   /** Row segments of each adapter in the batch. */
   private readonly rowsOf = new Map<LoraAdapter, LoraRowSegment[]>();
-  private chunks: readonly LoraStackChunk[] | undefined;
+  private readonly chunks: readonly LoraStackChunk[] | undefined;
   /** The path the last delta() took, for benchmarks and diagnostics. */
   lastChoice: 'single' | 'stacked' | 'segmented' | undefined;
 
@@ -74,6 +74,9 @@ export class LoraBatch {
       if (list) list.push(seg);
       else this.rowsOf.set(seg.adapter, [seg]);
     }
+    // planned every step, even when no module takes the stacked path, so that chunks of
+    // adapters that have left are freed promptly (stacks inside chunks are built lazily)
+    this.chunks = this.stackCache?.plan(new Set(this.rowsOf.keys()));
   }
 
   dispose(): void {
@@ -127,8 +130,7 @@ export class LoraBatch {
 
   private stacked(layer: number, proj: ProjectionName, x: tf.Tensor2D, ps: Participant[]): tf.Tensor2D {
     let stacks: LoraStack[];
-    if (this.stackCache) {
-      this.chunks ??= this.stackCache.plan(new Set(this.rowsOf.keys()));
+    if (this.chunks) {
       stacks = this.chunks.flatMap((c) => {
         const st = c.stack(layer, proj);
         return st && st.members.some((m) => this.rowsOf.has(m.adapter)) ? [st] : [];

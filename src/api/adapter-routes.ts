@@ -6,6 +6,7 @@ import type { ServingEngine } from '../serving/serving-engine.js';
 import type { GatewayMetrics } from './metrics.js';
 
 function adapterJson(engine: ServingEngine, r: AdapterRecord) {
+  const residence = engine.residence(r);
   return {
     id: r.id,
     object: 'adapter',
@@ -15,7 +16,8 @@ function adapterJson(engine: ServingEngine, r: AdapterRecord) {
     targets: r.targets,
     size_bytes: r.sizeBytes,
     sha256: r.sha256,
-    residence: engine.residence(r),
+    residence,
+    ...(residence === 'errored' ? { error: engine.loadError(r) } : {}),
   };
 }
 
@@ -25,8 +27,9 @@ const idParam = { type: 'object', properties: { id: { type: 'string', maxLength:
  * Adapter management: list / show / upload (multipart adapter_config.json +
  * adapter_model.safetensors) / delete, plus vLLM's load_lora_adapter / unload_lora_adapter.
  */
-export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics }> = async (app, { engine }) => {
-  await app.register(multipart, { limits: { files: 2, fields: 0, fileSize: 512 * 1024 * 1024 } });
+export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics; uploadLimitBytes: number }> = async (app, { engine, uploadLimitBytes }) => {
+  // multipart streams bypass Fastify's bodyLimit: each file gets the same bound (413 past it)
+  await app.register(multipart, { limits: { files: 2, fields: 0, fileSize: uploadLimitBytes } });
 
   app.get('/v1/adapters', async () => ({ object: 'list', data: engine.listAdapters().map((r) => adapterJson(engine, r)) }));
 

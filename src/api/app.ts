@@ -16,13 +16,14 @@ export interface AppOptions {
 
 /** The HTTP surface: thin routes that parse, call the engine, and reply. */
 export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
-  const app = Fastify({ logger: options.logger ?? false, bodyLimit: options.bodyLimitBytes ?? 64 * 1024 * 1024 });
+  const bodyLimitBytes = options.bodyLimitBytes ?? 64 * 1024 * 1024;
+  const app = Fastify({ logger: options.logger ?? false, bodyLimit: bodyLimitBytes });
   app.setErrorHandler(handleError);
   app.setNotFoundHandler((req, reply) => {
     void reply.status(404).send(errorBody('not_found', `no route ${req.method} ${req.url}`));
   });
   await app.register(opsRoutes, { engine: options.engine, metrics: options.metrics });
   await app.register(completionRoutes, { engine: options.engine, metrics: options.metrics });
-  await app.register(adapterRoutes, { engine: options.engine, metrics: options.metrics });
+  await app.register(adapterRoutes, { engine: options.engine, metrics: options.metrics, uploadLimitBytes: bodyLimitBytes });
   return app;
 }

@@ -1,4 +1,5 @@
 import { LRUCache } from 'lru-cache';
+import { LoraGatewayError } from '../errors.js';
 import type { LoraAdapter } from '../model/lora-adapter.js';
 import type { ModelConfig } from '../model/model-config.js';
 import { uploadAdapter, type HostLoraAdapter } from '../model/peft-adapter-reader.js';
@@ -6,8 +7,13 @@ import type { AdapterRecord, AdapterStore } from './adapter-store.js';
 import type { PagePool } from './page-pool.js';
 import { adapterPages } from './page-sizes.js';
 
-/** Where one adapter version is: LoRAX's explicit lifecycle. */
-export type AdapterResidence = 'disk' | 'host' | 'device';
+/**
+ * Where one adapter version is, LoRAX's explicit lifecycle: disk → host → device, back to
+ * host or disk when evicted, or 'errored' when reading or uploading it failed (its stored
+ * files no longer pass their checks). An errored version fails its requests at once, without
+ * re-reading, until it is deleted or replaced by a new version.
+ */
+export type AdapterResidence = 'disk' | 'host' | 'device' | 'errored';
 
 export interface AdapterPagerOptions {
   /** Bound of the host tier in bytes of float32 A/B data. */
@@ -51,6 +57,7 @@ export class AdapterPager {
   private queue: Promise<unknown> = Promise.resolve();
   private clock = 0;
   private readonly loadListeners: ((seconds: number) => void)[] = [];
+  private readonly failures = new Map<string, Error>();
   readonly counters: PagerCounters = { hostHits: 0, hostMisses: 0, deviceLoads: 0, deviceEvictions: 0, hostEvictions: 0 };
 
   constructor(store: AdapterStore, pool: PagePool, model: ModelConfig, options: AdapterPagerOptions) {
@@ -68,8 +75,14 @@ export class AdapterPager {
 
   residence(record: AdapterRecord): AdapterResidence {
     const key = keyOf(record);
+    if (this.failures.has(key)) return 'errored';
     if (this.device.has(key)) return 'device';
     return this.host.has(key) ? 'host' : 'disk';
+  }
+
+  /** Why an errored version failed to load. */
+  failure(record: AdapterRecord): string | undefined {
+    return this.failures.get(keyOf(record))?.message;
   }
 
   /** Pages this version needs on device. */
@@ -90,15 +103,23 @@ export class AdapterPager {
 
   private async toHost(record: AdapterRecord): Promise<HostLoraAdapter> {
     const key = keyOf(record);
+    const failed = this.failures.get(key);
+    if (failed) throw failed;
     const cached = this.host.get(key);
     if (cached) {
       this.counters.hostHits++;
       return cached;
     }
     this.counters.hostMisses++;
-    const h = await this.store.readHost(record);
-    this.host.set(key, h);
-    return h;
+    try {
+      const h = await this.store.readHost(record);
+      this.host.set(key, h);
+      return h;
+    } catch (err) {
+      // a version whose files fail validation stays failed; an I/O error may pass, so it is retried next time
+      if (err instanceof LoraGatewayError) this.failures.set(key, err);
+      throw err;
+    }
   }
 
   /**
@@ -127,7 +148,13 @@ export class AdapterPager {
       while (!this.pool.reserve(`adapter:${key}`, 'adapter', pages)) {
         if (!this.evictOne()) return undefined;
       }
-      const adapter = uploadAdapter(h, this.model);
+      let adapter: LoraAdapter;
+      try {
+        adapter = uploadAdapter(h, this.model);
+      } catch (err) {
+        this.pool.release(`adapter:${key}`);
+        throw err;
+      }
       this.device.set(key, { adapter, pins: 1, lastUsed: ++this.clock });
       this.counters.deviceLoads++;
       for (const l of this.loadListeners) l((performance.now() - started) / 1000);
@@ -169,6 +196,7 @@ export class AdapterPager {
       this.pool.release(`adapter:${key}`);
     }
     this.host.delete(key);
+    this.failures.delete(key);
   }
 
   deviceResident(): { key: string; pins: number }[] {

@@ -1,14 +1,15 @@
 import { AdapterError, LoraGatewayError, RequestError } from '../errors.js';
-import { DecodeBatchCache, type SequenceKvCache } from '../model/kv-cache.js';
+import type { SequenceKvCache } from '../model/kv-cache.js';
 import type { LoraAdapter } from '../model/lora-adapter.js';
 import type { LoraStrategy } from '../model/lora-batch.js';
 import { LoraStackCache } from '../model/lora-stack-cache.js';
-import { forwardDecode, forwardSequences, type LlamaModel } from '../model/llama-model.js';
+import { forwardSequences, type LlamaModel } from '../model/llama-model.js';
 import type { AdapterPager } from '../pager/adapter-pager.js';
 import type { AdapterRecord, AdapterStore } from '../pager/adapter-store.js';
 import type { PagePool } from '../pager/page-pool.js';
 import { kvPagesPerToken } from '../pager/page-sizes.js';
 import { prefillLogits, readRows, scored, splitPrefillRows, validateRequest, type GenerationResult } from './batch-generator.js';
+import { DecodeBatch } from './decode-batch.js';
 import { FairQueue } from './fair-queue.js';
 import { TokenSampler } from './sampler.js';
 import type { CompletionRequest, TokenEvent } from './serving-engine.js';
@@ -39,8 +40,10 @@ export interface StepInfo {
   waiting: number;
   admitted: number;
   finished: number;
+  /** Running sequences sent back to the queue this step because decode ran out of pages. */
+  preempted: number;
   /** Wall time of the step's phases, in milliseconds. */
-  ms: { admit: number; prefill: number; repack: number; decode: number };
+  ms: { grow: number; admit: number; prefill: number; repack: number; decode: number };
 }
 
 interface Sequence {
@@ -58,35 +61,51 @@ interface Sequence {
   /** Set when the request's own token callback threw: it ends that request only. */
   callbackError?: unknown;
   detachAbort?: () => void;
+  /** Order of (re-)admission: the newest running sequence is preempted first. */
+  admittedAt: number;
+  /** Times it was preempted; a resumed sequence re-prefills its prompt and the tokens it had. */
+  preemptions: number;
 }
 
 const BASE = '(base)';
 
 /**
+ * What a (re-)admitted sequence prefills: its prompt, and after a preemption also the tokens
+ * it generated except the last, which the next decode step feeds as usual.
+ */
+function prefillTokens(s: Sequence): number[] {
+  const generated = s.result.tokenIds;
+  return generated.length === 0 ? s.request.promptIds : [...s.request.promptIds, ...generated.slice(0, -1)];
+}
+
+/**
  * Iteration-level scheduling (Orca / vLLM / S-LoRA): at every step boundary finished and
  * cancelled sequences leave, waiting requests are admitted (fairly across adapters) when their
- * adapter's pages and all their KV pages (prompt + max_tokens) fit the shared pool, new ones are
- * prefilled, and every running sequence decodes one token with its own adapter.
- * Because KV pages are reserved in full at admission, decode never runs out of pages, so
- * nothing has to be preempted.
+ * adapter's pages and all the KV pages they may need (prompt + max_tokens) fit the pool's free
+ * pages, new ones are prefilled, and every running sequence decodes one token with its own
+ * adapter. A sequence holds KV pages only for the tokens it has, growing by one token's pages
+ * per step, so the pool is over-committed the way vLLM's is: when a step's growth does not
+ * fit (after evicting unpinned adapters), the newest running sequence is preempted — its KV
+ * freed, its adapter unpinned, and it goes back to the head of its queue; on re-admission it
+ * re-prefills its prompt and the tokens it had generated, and carries on (recompute mode).
  */
 export class ContinuousBatcher {
   private readonly parts: BatcherParts;
   private readonly waiting = new FairQueue<Sequence>();
   private running: Sequence[] = [];
-  private batch: DecodeBatchCache | undefined;
-  /** The sequence of each row of `batch`, in row order. */
-  private batchRows: Sequence[] = [];
+  private readonly batch: DecodeBatch<Sequence>;
   private readonly stackCache = new LoraStackCache();
   private readonly inFlight = new Map<string, number>();
   private idleWaiters: (() => void)[] = [];
   private pumping = false;
   private nextId = 1;
+  private admissions = 0;
   private readonly kvPerToken: number;
 
   constructor(parts: BatcherParts) {
     this.parts = parts;
     this.kvPerToken = kvPagesPerToken(parts.model.config);
+    this.batch = new DecodeBatch(parts.model.config.slidingWindow);
   }
 
   get runningCount(): number {
@@ -130,6 +149,8 @@ export class ContinuousBatcher {
         onToken,
         resolve,
         reject,
+        admittedAt: 0,
+        preemptions: 0,
       };
       this.inFlight.set(seq.adapterKey, (this.inFlight.get(seq.adapterKey) ?? 0) + 1);
       this.waiting.push(seq);
@@ -162,7 +183,7 @@ export class ContinuousBatcher {
       const queued = this.waiting.items();
       for (const s of queued) this.waiting.remove(s);
       for (const s of [...this.running, ...queued]) this.finish(s, err);
-      this.disposeBatch();
+      this.batch.dispose();
     } finally {
       this.pumping = false;
     }
@@ -170,7 +191,7 @@ export class ContinuousBatcher {
 
   private async step(): Promise<boolean> {
     const before = this.running.length;
-    const ms = { admit: 0, prefill: 0, repack: 0, decode: 0 };
+    const ms = { grow: 0, admit: 0, prefill: 0, repack: 0, decode: 0 };
     let t = performance.now();
     const lap = (phase: keyof typeof ms) => {
       const now = performance.now();
@@ -178,7 +199,11 @@ export class ContinuousBatcher {
       t = now;
     };
     this.dropCancelled();
-    const admitted = await this.admit();
+    // running sequences get their next token's pages before anything new is admitted
+    const preempted = this.growRunning();
+    lap('grow');
+    // after a preemption pages are short: admitting now would only preempt again
+    const admitted = preempted > 0 ? [] : await this.admit();
     lap('admit');
     const finished: Sequence[] = [];
     if (admitted.length > 0) await this.prefill(admitted, finished);
@@ -186,9 +211,9 @@ export class ContinuousBatcher {
     const live = this.running.filter((s) => !finished.includes(s));
     if (finished.length > 0 || admitted.length > 0) this.repack(live);
     lap('repack');
-    if (live.length > 0 && this.batch) await this.decode(live, finished);
+    if (this.batch.sequences.length > 0) await this.decode(finished);
     lap('decode');
-    this.parts.onStep?.({ running: this.running.length, waiting: this.waiting.length, admitted: admitted.length, finished: finished.length, ms });
+    this.parts.onStep?.({ running: this.running.length, waiting: this.waiting.length, admitted: admitted.length, finished: finished.length, preempted, ms });
     return admitted.length > 0 || before > 0 || finished.length > 0;
   }
 
@@ -201,7 +226,7 @@ export class ContinuousBatcher {
     }
     const gone = this.running.filter((s) => s.request.signal?.aborted);
     if (gone.length > 0) {
-      this.repack(this.running.filter((s) => !gone.includes(s)));
+      this.batch.retain((s) => !gone.includes(s));
       for (const s of gone) this.finish(s, new LoraGatewayError('REQUEST_CANCELLED', 'the request was cancelled'));
     }
   }
@@ -214,10 +239,10 @@ export class ContinuousBatcher {
     for (let cand = this.waiting.peek(); cand; cand = this.waiting.peek()) {
       if (this.running.length + admitted.length >= limits.maxRunningSeqs) break;
       if (!adapters.has(cand.adapterKey) && adapters.size >= limits.maxAdaptersPerBatch) break;
-      const promptLen = cand.request.promptIds.length;
-      if (admitted.length > 0 && tokens + promptLen > limits.maxBatchTokens) break;
+      const prefillLen = prefillTokens(cand).length;
+      if (admitted.length > 0 && tokens + prefillLen > limits.maxBatchTokens) break;
       const owner = `kv:${cand.id}`;
-      const kvPages = this.kvPerToken * (promptLen + cand.request.maxTokens);
+      const kvPages = this.kvPerToken * (cand.request.promptIds.length + cand.request.maxTokens);
       if (kvPages > pool.capacity) {
         this.waiting.remove(cand);
         this.finish(cand, new RequestError('CONTEXT_LENGTH_EXCEEDED', `the request needs ${kvPages} KV pages, more than the device pool's ${pool.capacity}`));
@@ -225,7 +250,15 @@ export class ContinuousBatcher {
       }
       while (!pool.reserve(owner, 'kv', kvPages)) if (!pager.evictOne()) break;
       if (pool.has(owner) && cand.record) {
-        cand.adapter = (await pager.acquire(cand.record)) ?? null;
+        try {
+          cand.adapter = (await pager.acquire(cand.record)) ?? null;
+        } catch (err) {
+          // this version's files fail their checks (the pager marks it errored): only its requests fail
+          pool.release(owner);
+          this.waiting.remove(cand);
+          this.finish(cand, err);
+          continue;
+        }
         if (!cand.adapter) pool.release(owner);
       }
       if (!pool.has(owner)) {
@@ -237,60 +270,90 @@ export class ContinuousBatcher {
         }
         break;
       }
+      // Holding every page it may need was the admission check; from here on it holds pages for
+      // the tokens it has after this step (the prefill, plus the column this step's decode adds).
+      pool.release(owner);
+      pool.reserve(owner, 'kv', Math.min(kvPages, this.kvPerToken * (prefillLen + 1)));
+      cand.admittedAt = ++this.admissions;
       this.waiting.remove(cand);
-      this.waiting.charge(cand.adapterKey, promptLen);
+      this.waiting.charge(cand.adapterKey, prefillLen);
       adapters.add(cand.adapterKey);
       admitted.push(cand);
-      tokens += promptLen;
+      tokens += prefillLen;
     }
     return admitted;
+  }
+
+  /**
+   * Reserves the next token's KV pages for every running sequence, evicting unpinned adapters
+   * and then preempting the newest sequences while they do not fit. Returns how many were preempted.
+   */
+  private growRunning(): number {
+    const { pool, pager } = this.parts;
+    let preempted = 0;
+    for (;;) {
+      const need = this.running.length * this.kvPerToken;
+      while (pool.free < need && pager.evictOne());
+      if (pool.free >= need) break;
+      // a lone sequence always fits: admission checked its adapter and all its KV pages together
+      const victim = this.running.reduce((a, b) => (b.admittedAt > a.admittedAt ? b : a));
+      this.preempt(victim);
+      preempted++;
+    }
+    for (const s of this.running) {
+      if (!pool.reserve(`kv:${s.id}`, 'kv', this.kvPerToken)) throw new Error('KV page growth failed after the pool was checked: a scheduler bug');
+    }
+    return preempted;
+  }
+
+  /** Frees a running sequence's KV pages and batch row, unpins its adapter, and requeues it first in its adapter's queue. */
+  private preempt(s: Sequence): void {
+    this.batch.retain((x) => x !== s);
+    this.running = this.running.filter((x) => x !== s);
+    this.parts.pool.release(`kv:${s.id}`);
+    if (s.record && s.adapter) this.parts.pager.release(s.record);
+    s.adapter = null;
+    s.preemptions++;
+    this.waiting.requeue(s);
   }
 
   private async prefill(admitted: Sequence[], finished: Sequence[]): Promise<void> {
     const { model, loraStrategy } = this.parts;
     for (const s of admitted) s.cache = model.newCache();
+    // resumed (preempted) sequences rebuild their cache and already hold their next token
+    const fresh = admitted.filter((s) => s.result.tokenIds.length === 0);
     const rows = await readRows(
       forwardSequences(
         model,
-        admitted.map((s) => ({ tokens: s.request.promptIds, cache: s.cache, adapter: s.adapter, logits: prefillLogits(s.request) })),
+        admitted.map((s) => ({ tokens: prefillTokens(s), cache: s.cache, adapter: s.adapter, logits: fresh.includes(s) ? prefillLogits(s.request) : ('none' as const) })),
         // no stack cache: it holds the decode batch's adapters, which a prefill's set would churn
         { loraStrategy },
       ),
     );
     const firstRows = splitPrefillRows(
-      admitted.map((s) => s.request),
+      fresh.map((s) => s.request),
       rows,
       model.config.vocabSize,
-      admitted.map((s) => s.result.promptLogprobs),
+      fresh.map((s) => s.result.promptLogprobs),
     );
-    admitted.forEach((s, i) => {
-      this.running.push(s);
+    this.running.push(...admitted);
+    fresh.forEach((s, i) => {
       const first = firstRows[i];
       if (!first || !this.accept(s, first)) finished.push(s);
     });
     for (const s of finished) this.complete(s);
   }
 
-  private async decode(live: Sequence[], finished: Sequence[]): Promise<void> {
+  private async decode(finished: Sequence[]): Promise<void> {
     const { model, loraStrategy } = this.parts;
+    const live = [...this.batch.sequences];
     const V = model.config.vocabSize;
     const tokens = live.map((s) => s.result.tokenIds[s.result.tokenIds.length - 1]);
-    const logits = forwardDecode(model, this.batch!, tokens, live.map((s) => s.adapter), { loraStrategy, stackCache: this.stackCache });
-    const rows = await readRows(logits);
-    const keep: number[] = [];
-    live.forEach((s, b) => {
-      if (this.accept(s, rows.subarray(b * V, (b + 1) * V))) keep.push(b);
-      else finished.push(s);
-    });
-    if (keep.length < live.length) {
-      for (const s of live.filter((_, b) => !keep.includes(b))) this.complete(s);
-      if (keep.length > 0) {
-        this.batch!.keepRows(keep);
-        this.batchRows = keep.map((b) => live[b]);
-      } else {
-        this.disposeBatch();
-      }
-    }
+    const rows = await readRows(this.batch.decode(model, tokens, live.map((s) => s.adapter), { loraStrategy, stackCache: this.stackCache }));
+    const done = live.filter((s, b) => !this.accept(s, rows.subarray(b * V, (b + 1) * V)));
+    for (const s of done) this.complete(s);
+    this.batch.retain((s) => !done.includes(s));
+    finished.push(...done);
   }
 
   /** Records a sampled token; returns whether the sequence goes on. */
@@ -318,27 +381,13 @@ export class ContinuousBatcher {
    * are copied back out first; new sequences bring their prefill caches.
    */
   private repack(live: Sequence[]): void {
-    if (this.batch) {
-      this.batchRows.forEach((s, row) => {
-        if (live.includes(s) && !s.cache) s.cache = this.batch!.unpack(row);
-      });
-      this.disposeBatch();
-    }
-    this.running = live;
-    if (live.length > 0) {
-      this.batch = DecodeBatchCache.pack(live.map((s) => s.cache!), this.parts.model.config.slidingWindow);
-      this.batchRows = [...live];
-    }
+    const prefilled = new Map<Sequence, SequenceKvCache>();
     for (const s of live) {
-      s.cache?.dispose();
+      if (s.cache) prefilled.set(s, s.cache);
       s.cache = undefined;
     }
-  }
-
-  private disposeBatch(): void {
-    this.batch?.dispose();
-    this.batch = undefined;
-    this.batchRows = [];
+    this.batch.set(live, prefilled);
+    this.running = live;
   }
 
   private complete(s: Sequence): void {
@@ -365,7 +414,7 @@ export class ContinuousBatcher {
   }
 
   close(): void {
-    this.disposeBatch();
+    this.batch.dispose();
     this.stackCache.clear();
   }
 }

@@ -14,6 +14,17 @@ export class FairQueue<T extends { adapterKey: string }> {
   }
 
   push(item: T): void {
+    this.queueOf(item).push(item);
+    this.size++;
+  }
+
+  /** Puts an item back at the head of its adapter's queue (a preempted request resumes first). */
+  requeue(item: T): void {
+    this.queueOf(item).unshift(item);
+    this.size++;
+  }
+
+  private queueOf(item: T): T[] {
     let q = this.queues.get(item.adapterKey);
     if (!q) {
       const backlogged = [...this.queues.keys()].map((k) => this.counters.get(k) ?? 0);
@@ -21,8 +32,7 @@ export class FairQueue<T extends { adapterKey: string }> {
       this.counters.set(item.adapterKey, Math.max(this.counters.get(item.adapterKey) ?? 0, floor));
       this.queues.set(item.adapterKey, (q = []));
     }
-    q.push(item);
-    this.size++;
+    return q;
   }
 
   /** The head of the least-served adapter's queue, without removing it. */

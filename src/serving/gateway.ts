@@ -5,7 +5,7 @@ import type { LlamaModel } from '../model/llama-model.js';
 import type { LoraStrategy } from '../model/lora-batch.js';
 import type { ModelConfig } from '../model/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer.js';
-import { AdapterPager } from '../pager/adapter-pager.js';
+import { AdapterPager, type AdapterResidence } from '../pager/adapter-pager.js';
 import { AdapterStore, type AdapterFiles, type AdapterRecord } from '../pager/adapter-store.js';
 import { PagePool } from '../pager/page-pool.js';
 import { pageBytes } from '../pager/page-sizes.js';
@@ -116,9 +116,13 @@ export class Gateway implements ServingEngine {
     return this.store.delete(id);
   }
 
-  /** Where an adapter's latest version lives now: disk, host or device. */
-  residence(record: AdapterRecord): 'disk' | 'host' | 'device' {
+  /** Where an adapter's latest version lives now: disk, host, device, or errored. */
+  residence(record: AdapterRecord): AdapterResidence {
     return this.pager.residence(record);
+  }
+
+  loadError(record: AdapterRecord): string | undefined {
+    return this.pager.failure(record);
   }
 
   onStep(listener: (info: StepInfo) => void): void {

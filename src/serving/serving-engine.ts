@@ -1,5 +1,6 @@
 import type { SamplingParams } from './sampler.js';
 import type { GenerationResult, ScoredToken } from './batch-generator.js';
+import type { AdapterResidence } from '../pager/adapter-pager.js';
 import type { AdapterRecord, AdapterFiles } from '../pager/adapter-store.js';
 import type { ModelConfig } from '../model/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer.js';
@@ -56,10 +57,12 @@ export interface ServingEngine {
   /** Registers an adapter folder on disk (vLLM's load_lora_adapter). */
   loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord>;
   /** Where an adapter version lives now. */
-  residence(record: AdapterRecord): 'disk' | 'host' | 'device';
+  residence(record: AdapterRecord): AdapterResidence;
+  /** Why an 'errored' version could not be loaded. */
+  loadError(record: AdapterRecord): string | undefined;
   stats(): EngineStats;
   /** Called after every scheduler step with the batch it ran. */
-  onStep(listener: (info: { running: number; waiting: number; admitted: number; finished: number }) => void): void;
+  onStep(listener: (info: { running: number; waiting: number; admitted: number; finished: number; preempted: number }) => void): void;
   /** Reports how long each adapter load onto the device took, in seconds. */
   onAdapterLoad(listener: (seconds: number) => void): void;
   close(): Promise<void>;

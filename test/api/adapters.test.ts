@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { peftConfigJson } from '../../src/model/hf-folder-writer.js';
@@ -117,6 +117,28 @@ describe('adapter management over HTTP', () => {
     assert.deepEqual(await listIds(), before);
     const after = (await (await fetch(`${fx.baseUrl}/v1/adapters/demo-1`)).json()) as { version: number };
     assert.equal(after.version, 1);
+  });
+
+  test('a stored version whose files were damaged on disk becomes errored: its requests fail with 422, others go on, a re-upload heals it', async () => {
+    await put('fragile', form(good));
+    const weightsFile = join(fx.gateway.getAdapter('fragile')!.dir, 'adapter_model.safetensors');
+    const damaged = await readFile(weightsFile);
+    damaged[damaged.length - 1] ^= 0xff;
+    await writeFile(weightsFile, damaged);
+    const complete = (model: string) => fetch(`${fx.baseUrl}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model, prompt: 'hi', max_tokens: 3 }) });
+    const [bad, fine] = await Promise.all([complete('fragile'), complete('demo-0')]);
+    assert.equal(bad.status, 422);
+    assert.equal(((await bad.json()) as { error: { code: string } }).error.code, 'adapter_weights_invalid');
+    assert.equal(fine.status, 200);
+    const shown = (await (await fetch(`${fx.baseUrl}/v1/adapters/fragile`)).json()) as { residence: string; error?: string };
+    assert.equal(shown.residence, 'errored');
+    assert.match(shown.error ?? '', /checksums/);
+    assert.equal((await complete('fragile')).status, 422, 'it stays errored without being re-read');
+    const healed = await put('fragile', form(good));
+    assert.equal(healed.json.version, 2);
+    assert.notEqual(healed.json.residence, 'errored');
+    assert.equal((await complete('fragile')).status, 200);
+    await fetch(`${fx.baseUrl}/v1/adapters/fragile`, { method: 'DELETE' });
   });
 
   test("vLLM's load_lora_adapter and unload_lora_adapter register and remove a folder", async () => {

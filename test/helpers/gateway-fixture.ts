@@ -24,7 +24,7 @@ export interface GatewayFixture {
  * A real gateway over a real socket: the demo model (real HF files) with `adapters` PEFT
  * adapters registered as demo-0 … demo-N-1, served by Fastify on an ephemeral loopback port.
  */
-export async function startGateway(adapters = 4, over: Partial<GatewayOptions> = {}): Promise<GatewayFixture> {
+export async function startGateway(adapters = 4, over: Partial<GatewayOptions> = {}, http: { bodyLimitBytes?: number } = {}): Promise<GatewayFixture> {
   await useWasm();
   const root = await mkdtemp(join(tmpdir(), 'lora-gateway-http-'));
   const modelDir = join(root, 'model');
@@ -41,7 +41,7 @@ export async function startGateway(adapters = 4, over: Partial<GatewayOptions> =
     ...over,
   });
   for (let i = 0; i < adapters; i++) await gateway.loadAdapterFromDir(`demo-${i}`, join(modelDir, 'adapters', `demo-${i}`));
-  const app = await buildApp({ engine: gateway, metrics: new GatewayMetrics(gateway) });
+  const app = await buildApp({ engine: gateway, metrics: new GatewayMetrics(gateway), ...http });
   const baseUrl = await app.listen({ host: '127.0.0.1', port: 0 });
   return {
     gateway,

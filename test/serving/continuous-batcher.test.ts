@@ -47,6 +47,7 @@ async function setup(name: string, capacityPages: number, limits: Partial<Batche
   const pool = new PagePool(capacityPages);
   const pager = new AdapterPager(store, pool, model.config, { hostMemoryBytes: 1 << 24 });
   let maxInUse = 0;
+  let preemptions = 0;
   const batcher = new ContinuousBatcher({
     model,
     store,
@@ -54,12 +55,13 @@ async function setup(name: string, capacityPages: number, limits: Partial<Batche
     pool,
     stopTokenIds: EOS,
     limits: { maxRunningSeqs: 8, maxBatchTokens: 256, maxAdaptersPerBatch: 4, maxWaiting: 1000, ...limits },
-    onStep: () => {
+    onStep: (info) => {
+      preemptions += info.preempted;
       maxInUse = Math.max(maxInUse, pool.inUse());
       assert.ok(pool.inUse() <= pool.capacity, 'pages in use never exceed the budget');
     },
   });
-  return { store, pool, pager, batcher, maxInUse: () => maxInUse };
+  return { store, pool, pager, batcher, maxInUse: () => maxInUse, preemptions: () => preemptions };
 }
 
 function request(i: number, adapterId: string | null, over: Partial<CompletionRequest> = {}): CompletionRequest {
@@ -119,6 +121,23 @@ describe('ContinuousBatcher', () => {
     for (let i = 0; i < reqs.length; i++) assert.deepEqual(results[i].tokenIds, await alone(store, reqs[i]));
     assert.ok(pager.counters.deviceEvictions > 0, 'adapters were evicted to make room');
     assert.ok(maxInUse() <= pool.capacity);
+    batcher.close();
+    pager.dispose();
+  });
+
+  test('when decode runs out of pages the newest sequences are preempted and resumed, with their solo tokens', async () => {
+    const kv = kvPagesPerToken(model.config);
+    const biggest = adapterPages(model.config, resolvePeftConfig(peftConfigJson({ r: SHAPES[1].r, loraAlpha: 1, targetModules: SHAPES[1].targets }), model.config, 64));
+    // each request may need 5 + 30 tokens of KV; the pool holds about 2.5 such requests plus two adapters,
+    // but admission only checks that one request's total fits what is free, so more run at once
+    const { store, pool, pager, batcher, maxInUse, preemptions } = await setup('preempt', 2 * biggest + Math.floor(kv * 35 * 2.5), { maxRunningSeqs: 8 }, 2);
+    const reqs = Array.from({ length: 8 }, (_, i) => request(i, i % 3 === 2 ? null : `a${i % 2}`, { maxTokens: 30, sampling: { temperature: 0.8, topP: 0.9, topK: -1, seed: i } }));
+    const results = await Promise.all(reqs.map((r) => batcher.submit(r)));
+    assert.ok(preemptions() > 0, 'some sequences were preempted');
+    for (let i = 0; i < reqs.length; i++) assert.deepEqual(results[i].tokenIds, await alone(store, reqs[i]), `request ${i}`);
+    assert.ok(maxInUse() <= pool.capacity);
+    assert.equal(pool.inUse('kv'), 0);
+    assert.ok(pager.deviceResident().every((a) => a.pins === 0), 'no adapter stays pinned');
     batcher.close();
     pager.dispose();
   });

@@ -1,0 +1,68 @@
+import type * as tf from '@tensorflow/tfjs-core';
+import { DecodeBatchCache, type SequenceKvCache } from '../model/kv-cache.js';
+import type { LoraAdapter } from '../model/lora-adapter.js';
+import { forwardDecode, type ForwardOptions, type LlamaModel } from '../model/llama-model.js';
+
+/**
+ * The running sequences' KV caches packed into one DecodeBatchCache, with the sequence that
+ * owns each row, so the scheduler can add, drop and decode sequences without tracking rows.
+ */
+export class DecodeBatch<S> {
+  private cache: DecodeBatchCache | undefined;
+  private rows: S[] = [];
+  private readonly slidingWindow: number | undefined;
+
+  constructor(slidingWindow: number | undefined) {
+    this.slidingWindow = slidingWindow;
+  }
+
+  get sequences(): readonly S[] {
+    return this.rows;
+  }
+
+  /**
+   * Makes the batch hold exactly `live`, in order. Sequences already in it keep their rows
+   * (copied out and packed again); the others bring the cache of their prefill, which the
+   * batch takes over and disposes.
+   */
+  set(live: S[], prefilled: Map<S, SequenceKvCache>): void {
+    const caches = new Map(prefilled);
+    if (this.cache) {
+      this.rows.forEach((s, row) => {
+        if (live.includes(s) && !caches.has(s)) caches.set(s, this.cache!.unpack(row));
+      });
+      this.dispose();
+    }
+    if (live.length > 0) {
+      this.cache = DecodeBatchCache.pack(
+        live.map((s) => caches.get(s)!),
+        this.slidingWindow,
+      );
+      this.rows = [...live];
+    }
+    for (const c of caches.values()) c.dispose();
+  }
+
+  /** Drops the rows of sequences that fail `keep` (finished, cancelled or preempted). */
+  retain(keep: (s: S) => boolean): void {
+    const idx = this.rows.flatMap((s, i) => (keep(s) ? [i] : []));
+    if (idx.length === this.rows.length) return;
+    if (idx.length === 0) {
+      this.dispose();
+      return;
+    }
+    this.cache!.keepRows(idx);
+    this.rows = idx.map((i) => this.rows[i]);
+  }
+
+  /** One decode step, row b feeding tokens[b] with adapters[b]; logits [rows, vocab]. */
+  decode(model: LlamaModel, tokens: number[], adapters: (LoraAdapter | null)[], options: ForwardOptions): tf.Tensor2D {
+    return forwardDecode(model, this.cache!, tokens, adapters, options);
+  }
+
+  dispose(): void {
+    this.cache?.dispose();
+    this.cache = undefined;
+    this.rows = [];
+  }
+}

@@ -48,8 +48,8 @@ export interface StepTimes {
   decodeSteps: number;
   decodeMs: number;
   decodeRows: number;
-  admitSteps: number;
-  admitMs: number;
+  prefillSteps: number;
+  prefillMs: number;
   /** Sum of the pager's device-load times (host or disk read + upload), seconds. */
   adapterLoadS: number;
 }
@@ -104,14 +104,14 @@ export function printRow(c: CellResult, s: Summary, maxAdaptersPerBatch: number)
 
 export function printStepRow(c: CellResult): void {
   const t = c.steps;
-  const busyMs = t.decodeMs + t.admitMs;
+  const busyMs = t.decodeMs + t.prefillMs;
   const ok = c.outcomes.map((o, i) => (o.ok ? c.trace[i].promptIds.length + o.completionTokens : 0));
   const allTokPerS = ok.reduce((a, b) => a + b, 0) / c.durationS;
   const decodeMs = t.decodeSteps > 0 ? t.decodeMs / t.decodeSteps : NaN;
   const decodeRows = t.decodeSteps > 0 ? t.decodeRows / t.decodeSteps : NaN;
   console.log(
     `| ${c.adapters} | ${c.alpha} | ${c.system}${c.label} | ${t.decodeSteps} | ${decodeMs.toFixed(0)} | ${decodeRows.toFixed(1)} | ${((1000 * decodeRows) / decodeMs).toFixed(1)} | ` +
-      `${t.admitSteps} | ${t.admitSteps > 0 ? (t.admitMs / t.admitSteps).toFixed(0) : '–'} | ${busyMs > 0 ? ((100 * t.admitMs) / busyMs).toFixed(0) : '–'}% | ` +
+      `${t.prefillSteps} | ${t.prefillSteps > 0 ? (t.prefillMs / t.prefillSteps).toFixed(0) : '–'} | ${busyMs > 0 ? ((100 * t.prefillMs) / busyMs).toFixed(0) : '–'}% | ` +
       `${allTokPerS.toFixed(1)} | ${t.adapterLoadS.toFixed(1)} | ${c.wasmHeapMiB.toFixed(0)} |`,
   );
 }

@@ -234,7 +234,7 @@ async function runCell(shared: Shared, adapters: number, alpha: number, system: 
   let steps = 0;
   let rowsDecoded = 0;
   let peakPages = 0;
-  const times: StepTimes = { decodeSteps: 0, decodeMs: 0, decodeRows: 0, admitSteps: 0, admitMs: 0, adapterLoadS: 0 };
+  const times: StepTimes = { decodeSteps: 0, decodeMs: 0, decodeRows: 0, prefillSteps: 0, prefillMs: 0, adapterLoadS: 0 };
   served.gateway.onAdapterLoad((s) => (times.adapterLoadS += s));
   let lastStepAt = performance.now();
   let busy = false;
@@ -246,9 +246,9 @@ async function runCell(shared: Shared, adapters: number, alpha: number, system: 
       steps++;
       rowsDecoded += rows;
     }
-    if (busy && info.admitted > 0) {
-      times.admitSteps++;
-      times.admitMs += now - lastStepAt;
+    if (busy && info.prefilled > 0) {
+      times.prefillSteps++;
+      times.prefillMs += now - lastStepAt;
     } else if (busy && rows > 0) {
       times.decodeSteps++;
       times.decodeMs += now - lastStepAt;
@@ -403,9 +403,9 @@ async function main(): Promise<void> {
     const fewest = Math.min(...opts.adapterCounts);
     if (opts.adapterCounts.length > 1) record(await runCell(shared, fewest, opts.alphas[0], 'gateway', ', rerun at the end'));
 
-    console.log('\nwhere the time went (wall time between scheduler steps while busy; "admission" steps prefill new prompts and repack the decode batch):');
+    console.log('\nwhere the time went (wall time between scheduler steps while busy; "prefill" steps prefill prompts (new or part-way) and join them to the decode batch):');
     console.log(
-      '| adapters | α | system | decode-only steps | ms each | rows each | tok/s in them | admission steps | ms each | share of busy time | prompt+output tok/s | adapter loads s | wasm heap MiB |',
+      '| adapters | α | system | decode-only steps | ms each | rows each | tok/s in them | prefill steps | ms each | share of busy time | prompt+output tok/s | adapter loads s | wasm heap MiB |',
     );
     console.log('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
     for (const { cell } of cells) printStepRow(cell);

@@ -24,21 +24,40 @@ export interface HostLoraAdapter {
 
 const KEY_RE = /^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$/;
 
+/** The two files of a PEFT adapter, already read. */
+export interface PeftAdapterBytes {
+  config: Uint8Array;
+  weights: Uint8Array;
+}
+
 /**
  * Reads `adapter_config.json` + `adapter_model.safetensors` and checks everything before
  * anything reaches the device: options, ranks, which modules the weights name, shapes and
- * finiteness. Any failure is an AdapterError naming the file and the problem.
+ * finiteness. Any failure is an AdapterError naming the file and the problem. With `bytes`,
+ * the files' contents are taken from there (already read, e.g. to check their checksums) and
+ * `dir` only names them in errors.
  */
-export async function readPeftAdapter(dir: string, model: ModelConfig, maxRank: number, id = basename(dir)): Promise<HostLoraAdapter> {
+export async function readPeftAdapter(dir: string, model: ModelConfig, maxRank: number, id = basename(dir), bytes?: PeftAdapterBytes): Promise<HostLoraAdapter> {
   const configFile = join(dir, 'adapter_config.json');
   let configJson: unknown;
   try {
-    configJson = JSON.parse(await readFile(configFile, 'utf8'));
+    configJson = JSON.parse(bytes ? new TextDecoder().decode(bytes.config) : await readFile(configFile, 'utf8'));
   } catch (err) {
     throw new AdapterError('ADAPTER_CONFIG_INVALID', `${configFile}: ${(err as Error).message}`, { cause: err });
   }
   const specs = resolvePeftConfig(configJson, model, maxRank, configFile);
   const weightsFile = join(dir, 'adapter_model.safetensors');
+  if (!bytes) await weightsFileExists(dir, weightsFile);
+  let reader: SafetensorsReader;
+  try {
+    reader = bytes ? await SafetensorsReader.fromBytes(bytes.weights, weightsFile) : await SafetensorsReader.open(weightsFile);
+  } catch (err) {
+    throw asAdapterError(err);
+  }
+  return readModules(reader, specs, weightsFile, model, id);
+}
+
+async function weightsFileExists(dir: string, weightsFile: string): Promise<void> {
   try {
     await stat(weightsFile);
   } catch {
@@ -48,12 +67,10 @@ export async function readPeftAdapter(dir: string, model: ModelConfig, maxRank: 
       hasBin ? `${dir}: adapter_model.bin (pickle) is not read; save the adapter with safe_serialization=True` : `${weightsFile}: file is missing`,
     );
   }
-  let reader: SafetensorsReader;
-  try {
-    reader = await SafetensorsReader.open(weightsFile);
-  } catch (err) {
-    throw asAdapterError(err);
-  }
+}
+
+/** Matches the weights to the config's modules, checks shapes and finiteness, and reads them. */
+async function readModules(reader: SafetensorsReader, specs: LoraModuleSpec[], weightsFile: string, model: ModelConfig, id: string): Promise<HostLoraAdapter> {
   try {
     const byPath = new Map(specs.map((s) => [s.modulePath, s]));
     const names = new Map<string, { spec: LoraModuleSpec; which: 'A' | 'B' }>();

@@ -65,17 +65,36 @@ export function assertReadableDtype(entry: TensorEntry, file: string): void {
   }
 }
 
+/** What the reader needs of a file: its size and positioned reads (a file handle, or bytes already in memory). */
+interface PositionedSource {
+  size: number;
+  read(target: Uint8Array, offset: number, length: number, position: number): Promise<{ bytesRead: number }>;
+  close(): Promise<void>;
+}
+
+function bytesSource(bytes: Uint8Array): PositionedSource {
+  return {
+    size: bytes.length,
+    async read(target, offset, length, position) {
+      const n = Math.max(0, Math.min(length, bytes.length - position));
+      target.set(bytes.subarray(position, position + n), offset);
+      return { bytesRead: n };
+    },
+    async close() {},
+  };
+}
+
 export class SafetensorsReader {
   readonly path: string;
   readonly metadata: Record<string, string>;
-  private readonly fh: FileHandle;
+  private readonly fh: PositionedSource;
   /** File offset of the byte buffer: 8 + N. */
   private readonly dataStart: number;
   private readonly sorted: TensorEntry[];
   private readonly byName: Map<string, TensorEntry>;
   private closed = false;
 
-  private constructor(path: string, fh: FileHandle, dataStart: number, sorted: TensorEntry[], metadata: Record<string, string>) {
+  private constructor(path: string, fh: PositionedSource, dataStart: number, sorted: TensorEntry[], metadata: Record<string, string>) {
     this.path = path;
     this.fh = fh;
     this.dataStart = dataStart;
@@ -95,8 +114,24 @@ export class SafetensorsReader {
       }
       throw err;
     }
+    const { size } = await fh.stat().catch(async (err: unknown) => {
+      await fh.close();
+      throw err;
+    });
+    return SafetensorsReader.fromSource({ size, read: (t, o, l, p) => fh.read(t, o, l, p), close: () => fh.close() }, path);
+  }
+
+  /**
+   * Reads the header of a file already in memory (e.g. bytes just checked against a checksum),
+   * so it is not read from disk a second time; `path` only names it in errors.
+   */
+  static async fromBytes(bytes: Uint8Array, path: string): Promise<SafetensorsReader> {
+    return SafetensorsReader.fromSource(bytesSource(bytes), path);
+  }
+
+  private static async fromSource(fh: PositionedSource, path: string): Promise<SafetensorsReader> {
+    const size = fh.size;
     try {
-      const { size } = await fh.stat();
       if (size < 8) {
         throw new ModelFormatError('SAFETENSORS_TOO_SHORT', path, `file is ${size} bytes, too short for the 8-byte header length`);
       }
@@ -194,7 +229,7 @@ function copyEntry(e: TensorEntry): TensorEntry {
 }
 
 /** A positioned read that loops over short reads; running out of file means it was truncated. */
-async function readFully(fh: FileHandle, target: Uint8Array, position: number, path: string, what: string): Promise<void> {
+async function readFully(fh: PositionedSource, target: Uint8Array, position: number, path: string, what: string): Promise<void> {
   let filled = 0;
   while (filled < target.length) {
     const { bytesRead } = await fh.read(target, filled, target.length - filled, position + filled);

@@ -117,12 +117,13 @@ export class AdapterStore {
   /** Validates the files completely, then stores them as the id's next version. */
   async put(id: string, files: AdapterFiles): Promise<AdapterRecord> {
     validateAdapterId(id);
+    // validated from memory before anything is written; errors name the files as '<id>/adapter_model.safetensors'
+    const host = await readPeftAdapter(id, this.model, this.maxRank, id, files);
     const tmp = join(this.root, `.tmp-${randomBytes(8).toString('hex')}`);
     await mkdir(tmp);
     try {
       await writeDurably(join(tmp, CONFIG), files.config);
       await writeDurably(join(tmp, WEIGHTS), files.weights);
-      const host = await readPeftAdapter(tmp, this.model, this.maxRank, id);
       const version = (this.latest.get(id)?.version ?? 0) + 1;
       const idDir = join(this.root, id);
       const dir = join(idDir, `v${version}`);
@@ -161,15 +162,13 @@ export class AdapterStore {
 
   /** Reads a stored version back to host memory, checking it against its manifest. */
   async readHost(record: AdapterRecord): Promise<HostLoraAdapter> {
-    await this.verify(record.dir, record.sha256);
-    return readPeftAdapter(record.dir, this.model, this.maxRank, record.id);
-  }
-
-  private async verify(dir: string, want: { config: string; weights: string }): Promise<void> {
+    const { dir, sha256: want } = record;
+    // each file is read once: the bytes that pass the checksum are the bytes parsed
     const [config, weights] = await Promise.all([readFile(join(dir, CONFIG)), readFile(join(dir, WEIGHTS))]);
     if (sha256(config) !== want.config || sha256(weights) !== want.weights) {
       throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: files do not match the checksums in ${MANIFEST}`);
     }
+    return readPeftAdapter(dir, this.model, this.maxRank, record.id, { config, weights });
   }
 
   /** Reads a version's manifest only: opening a store of thousands of adapters reads no weights. */

@@ -1,6 +1,5 @@
 import { AdapterError, LoraGatewayError, RequestError } from '../errors.js';
 import type { SequenceKvCache } from '../model/kv-cache.js';
-import type { LoraAdapter } from '../model/lora-adapter.js';
 import type { LoraStrategy } from '../model/lora-batch.js';
 import { LoraStackCache } from '../model/lora-stack-cache.js';
 import { forwardSequences, type LlamaModel } from '../model/llama-model.js';
@@ -11,12 +10,13 @@ import { kvPagesPerToken } from '../pager/page-sizes.js';
 import { prefillLogits, readRows, scored, splitPrefillRows, validateRequest, type GenerationResult } from './batch-generator.js';
 import { DecodeBatch } from './decode-batch.js';
 import { FairQueue } from './fair-queue.js';
+import { BASE_KEY, prefillTokens, type Sequence } from './sequence.js';
 import { TokenSampler } from './sampler.js';
 import type { CompletionRequest, TokenEvent } from './serving-engine.js';
 
 export interface BatcherLimits {
   maxRunningSeqs: number;
-  /** Prompt tokens prefilled in one step (at least one request is always admitted). */
+  /** Prompt tokens prefilled in one step: longer prompts are prefilled in chunks over several steps (chunked prefill). */
   maxBatchTokens: number;
   maxAdaptersPerBatch: number;
   /** Requests beyond this many waiting are refused with QUEUE_FULL. */
@@ -39,43 +39,13 @@ export interface StepInfo {
   running: number;
   waiting: number;
   admitted: number;
+  /** Prompt tokens prefilled in this step. */
+  prefilled: number;
   finished: number;
   /** Running sequences sent back to the queue this step because decode ran out of pages. */
   preempted: number;
   /** Wall time of the step's phases, in milliseconds. */
   ms: { grow: number; admit: number; prefill: number; repack: number; decode: number };
-}
-
-interface Sequence {
-  id: number;
-  adapterKey: string;
-  request: CompletionRequest;
-  record: AdapterRecord | null;
-  adapter: LoraAdapter | null;
-  sampler: TokenSampler;
-  result: GenerationResult;
-  onToken?: (e: TokenEvent) => void;
-  resolve: (r: GenerationResult) => void;
-  reject: (e: unknown) => void;
-  cache?: SequenceKvCache;
-  /** Set when the request's own token callback threw: it ends that request only. */
-  callbackError?: unknown;
-  detachAbort?: () => void;
-  /** Order of (re-)admission: the newest running sequence is preempted first. */
-  admittedAt: number;
-  /** Times it was preempted; a resumed sequence re-prefills its prompt and the tokens it had. */
-  preemptions: number;
-}
-
-const BASE = '(base)';
-
-/**
- * What a (re-)admitted sequence prefills: its prompt, and after a preemption also the tokens
- * it generated except the last, which the next decode step feeds as usual.
- */
-function prefillTokens(s: Sequence): number[] {
-  const generated = s.result.tokenIds;
-  return generated.length === 0 ? s.request.promptIds : [...s.request.promptIds, ...generated.slice(0, -1)];
 }
 
 /**
@@ -140,7 +110,7 @@ export class ContinuousBatcher {
     return new Promise<GenerationResult>((resolve, reject) => {
       const seq: Sequence = {
         id: this.nextId++,
-        adapterKey: request.adapterId ?? BASE,
+        adapterKey: request.adapterId ?? BASE_KEY,
         request,
         record,
         adapter: null,
@@ -149,6 +119,8 @@ export class ContinuousBatcher {
         onToken,
         resolve,
         reject,
+        phase: 'waiting',
+        prefilled: 0,
         admittedAt: 0,
         preemptions: 0,
       };
@@ -199,21 +171,30 @@ export class ContinuousBatcher {
       t = now;
     };
     this.dropCancelled();
-    // running sequences get their next token's pages before anything new is admitted
+    // decoding sequences get their next token's pages before anything new is admitted
     const preempted = this.growRunning();
     lap('grow');
+    // this step's prefill budget goes first to prompts already part-way in, then to new requests
+    let budget = this.parts.limits.maxBatchTokens;
+    const chunks = new Map<Sequence, number>();
+    for (const s of this.running) {
+      if (s.phase !== 'prefill' || budget <= 0) continue;
+      const n = Math.min(prefillTokens(s).length - s.prefilled, budget);
+      chunks.set(s, n);
+      budget -= n;
+    }
     // after a preemption pages are short: admitting now would only preempt again
-    const admitted = preempted > 0 ? [] : await this.admit();
+    const admitted = preempted > 0 ? [] : await this.admit(budget, chunks);
     lap('admit');
     const finished: Sequence[] = [];
-    if (admitted.length > 0) await this.prefill(admitted, finished);
+    const joining = chunks.size > 0 ? await this.prefill(chunks, finished) : [];
     lap('prefill');
-    const live = this.running.filter((s) => !finished.includes(s));
-    if (finished.length > 0 || admitted.length > 0) this.repack(live);
+    if (joining.length > 0) this.joinBatch(joining);
     lap('repack');
     if (this.batch.sequences.length > 0) await this.decode(finished);
     lap('decode');
-    this.parts.onStep?.({ running: this.running.length, waiting: this.waiting.length, admitted: admitted.length, finished: finished.length, preempted, ms });
+    const prefilled = [...chunks.values()].reduce((a, b) => a + b, 0);
+    this.parts.onStep?.({ running: this.running.length, waiting: this.waiting.length, admitted: admitted.length, prefilled, finished: finished.length, preempted, ms });
     return admitted.length > 0 || before > 0 || finished.length > 0;
   }
 
@@ -231,16 +212,19 @@ export class ContinuousBatcher {
     }
   }
 
-  private async admit(): Promise<Sequence[]> {
+  /** Admits waiting requests while they fit, giving each its first prefill chunk from `budget`. */
+  private async admit(budget: number, chunks: Map<Sequence, number>): Promise<Sequence[]> {
     const { pool, pager, limits } = this.parts;
     const admitted: Sequence[] = [];
-    let tokens = 0;
     const adapters = new Set(this.running.map((s) => s.adapterKey));
-    for (let cand = this.waiting.peek(); cand; cand = this.waiting.peek()) {
-      if (this.running.length + admitted.length >= limits.maxRunningSeqs) break;
+    for (let cand = this.waiting.peek(); cand && budget > 0; cand = this.waiting.peek()) {
+      if (this.running.length >= limits.maxRunningSeqs) break;
       if (!adapters.has(cand.adapterKey) && adapters.size >= limits.maxAdaptersPerBatch) break;
       const prefillLen = prefillTokens(cand).length;
-      if (admitted.length > 0 && tokens + prefillLen > limits.maxBatchTokens) break;
+      // echo scores every prompt token in one pass, so its prompt is not split; over budget it
+      // still runs in a step where nothing else prefills, so it cannot wait forever
+      const whole = cand.request.echo === true && cand.result.tokenIds.length === 0;
+      if (whole && prefillLen > budget && chunks.size > 0) break;
       const owner = `kv:${cand.id}`;
       const kvPages = this.kvPerToken * (cand.request.promptIds.length + cand.request.maxTokens);
       if (kvPages > pool.capacity) {
@@ -271,15 +255,20 @@ export class ContinuousBatcher {
         break;
       }
       // Holding every page it may need was the admission check; from here on it holds pages for
-      // the tokens it has after this step (the prefill, plus the column this step's decode adds).
+      // its prefill and the column its first decode step adds, then one more token per step.
       pool.release(owner);
       pool.reserve(owner, 'kv', Math.min(kvPages, this.kvPerToken * (prefillLen + 1)));
       cand.admittedAt = ++this.admissions;
+      cand.phase = 'prefill';
+      cand.prefilled = 0;
       this.waiting.remove(cand);
       this.waiting.charge(cand.adapterKey, prefillLen);
       adapters.add(cand.adapterKey);
+      this.running.push(cand);
       admitted.push(cand);
-      tokens += prefillLen;
+      const n = whole ? prefillLen : Math.min(prefillLen, budget);
+      chunks.set(cand, n);
+      budget -= n;
     }
     return admitted;
   }
@@ -292,7 +281,7 @@ export class ContinuousBatcher {
     const { pool, pager } = this.parts;
     let preempted = 0;
     for (;;) {
-      const need = this.running.length * this.kvPerToken;
+      const need = this.batch.sequences.length * this.kvPerToken;
       while (pool.free < need && pager.evictOne());
       if (pool.free >= need) break;
       // a lone sequence always fits: admission checked its adapter and all its KV pages together
@@ -300,7 +289,7 @@ export class ContinuousBatcher {
       this.preempt(victim);
       preempted++;
     }
-    for (const s of this.running) {
+    for (const s of this.batch.sequences) {
       if (!pool.reserve(`kv:${s.id}`, 'kv', this.kvPerToken)) throw new Error('KV page growth failed after the pool was checked: a scheduler bug');
     }
     return preempted;
@@ -313,35 +302,57 @@ export class ContinuousBatcher {
     this.parts.pool.release(`kv:${s.id}`);
     if (s.record && s.adapter) this.parts.pager.release(s.record);
     s.adapter = null;
+    s.cache?.dispose();
+    s.cache = undefined;
+    s.phase = 'waiting';
+    s.prefilled = 0;
     s.preemptions++;
     this.waiting.requeue(s);
   }
 
-  private async prefill(admitted: Sequence[], finished: Sequence[]): Promise<void> {
+  /**
+   * Runs this step's prefill chunks in one forward. Sequences whose prefill completes sample
+   * their first token (fresh ones) and are returned to join the decode batch, unless that
+   * token already ends them.
+   */
+  private async prefill(chunks: Map<Sequence, number>, finished: Sequence[]): Promise<Sequence[]> {
     const { model, loraStrategy } = this.parts;
-    for (const s of admitted) s.cache = model.newCache();
-    // resumed (preempted) sequences rebuild their cache and already hold their next token
-    const fresh = admitted.filter((s) => s.result.tokenIds.length === 0);
+    const work = [...chunks].map(([s, n]) => {
+      const all = prefillTokens(s);
+      const completes = s.prefilled + n === all.length;
+      // resumed (preempted) sequences rebuild their cache and already hold their next token
+      return { s, tokens: all.slice(s.prefilled, s.prefilled + n), completes, scores: completes && s.result.tokenIds.length === 0 };
+    });
+    for (const w of work) w.s.cache ??= model.newCache();
     const rows = await readRows(
       forwardSequences(
         model,
-        admitted.map((s) => ({ tokens: prefillTokens(s), cache: s.cache, adapter: s.adapter, logits: fresh.includes(s) ? prefillLogits(s.request) : ('none' as const) })),
+        work.map((w) => ({ tokens: w.tokens, cache: w.s.cache, adapter: w.s.adapter, logits: w.scores ? prefillLogits(w.s.request) : ('none' as const) })),
         // no stack cache: it holds the decode batch's adapters, which a prefill's set would churn
         { loraStrategy },
       ),
     );
+    for (const w of work) w.s.prefilled += w.tokens.length;
+    const scoring = work.filter((w) => w.scores).map((w) => w.s);
     const firstRows = splitPrefillRows(
-      fresh.map((s) => s.request),
+      scoring.map((s) => s.request),
       rows,
       model.config.vocabSize,
-      fresh.map((s) => s.result.promptLogprobs),
+      scoring.map((s) => s.result.promptLogprobs),
     );
-    this.running.push(...admitted);
-    fresh.forEach((s, i) => {
-      const first = firstRows[i];
-      if (!first || !this.accept(s, first)) finished.push(s);
-    });
+    const joining: Sequence[] = [];
+    for (const w of work.filter((x) => x.completes)) {
+      if (w.scores) {
+        const first = firstRows[scoring.indexOf(w.s)];
+        if (!first || !this.accept(w.s, first)) {
+          finished.push(w.s);
+          continue;
+        }
+      }
+      joining.push(w.s);
+    }
     for (const s of finished) this.complete(s);
+    return joining;
   }
 
   private async decode(finished: Sequence[]): Promise<void> {
@@ -376,18 +387,15 @@ export class ContinuousBatcher {
     return s.result.tokenIds.length < s.request.maxTokens;
   }
 
-  /**
-   * Makes the packed decode batch hold exactly `live`, in order. Rows of sequences that stay
-   * are copied back out first; new sequences bring their prefill caches.
-   */
-  private repack(live: Sequence[]): void {
-    const prefilled = new Map<Sequence, SequenceKvCache>();
-    for (const s of live) {
-      if (s.cache) prefilled.set(s, s.cache);
+  /** Sequences whose prefill completed join the decode batch with their caches. */
+  private joinBatch(joining: Sequence[]): void {
+    const caches = new Map<Sequence, SequenceKvCache>();
+    for (const s of joining) {
+      caches.set(s, s.cache!);
       s.cache = undefined;
+      s.phase = 'decode';
     }
-    this.batch.set(live, prefilled);
-    this.running = live;
+    this.batch.set([...this.batch.sequences, ...joining], caches);
   }
 
   private complete(s: Sequence): void {

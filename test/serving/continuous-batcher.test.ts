@@ -16,7 +16,7 @@ import { AdapterStore, type AdapterFiles } from '../../src/pager/adapter-store.j
 import { PagePool } from '../../src/pager/page-pool.js';
 import { adapterPages, kvPagesPerToken } from '../../src/pager/page-sizes.js';
 import { generateBatch } from '../../src/serving/batch-generator.js';
-import { ContinuousBatcher, type BatcherLimits } from '../../src/serving/continuous-batcher.js';
+import { ContinuousBatcher, type BatcherLimits, type StepInfo } from '../../src/serving/continuous-batcher.js';
 import type { CompletionRequest } from '../../src/serving/serving-engine.js';
 import { memoryModel, TINY_CONFIGS, useWasm } from '../helpers/tiny-models.js';
 
@@ -48,6 +48,7 @@ async function setup(name: string, capacityPages: number, limits: Partial<Batche
   const pager = new AdapterPager(store, pool, model.config, { hostMemoryBytes: 1 << 24 });
   let maxInUse = 0;
   let preemptions = 0;
+  const steps: StepInfo[] = [];
   const batcher = new ContinuousBatcher({
     model,
     store,
@@ -56,12 +57,13 @@ async function setup(name: string, capacityPages: number, limits: Partial<Batche
     stopTokenIds: EOS,
     limits: { maxRunningSeqs: 8, maxBatchTokens: 256, maxAdaptersPerBatch: 4, maxWaiting: 1000, ...limits },
     onStep: (info) => {
+      steps.push(info);
       preemptions += info.preempted;
       maxInUse = Math.max(maxInUse, pool.inUse());
       assert.ok(pool.inUse() <= pool.capacity, 'pages in use never exceed the budget');
     },
   });
-  return { store, pool, pager, batcher, maxInUse: () => maxInUse, preemptions: () => preemptions };
+  return { store, pool, pager, batcher, steps, maxInUse: () => maxInUse, preemptions: () => preemptions };
 }
 
 function request(i: number, adapterId: string | null, over: Partial<CompletionRequest> = {}): CompletionRequest {
@@ -138,6 +140,37 @@ describe('ContinuousBatcher', () => {
     assert.ok(maxInUse() <= pool.capacity);
     assert.equal(pool.inUse('kv'), 0);
     assert.ok(pager.deviceResident().every((a) => a.pins === 0), 'no adapter stays pinned');
+    batcher.close();
+    pager.dispose();
+  });
+
+  test('a prompt longer than max-batch-tokens is prefilled in chunks while the others keep decoding, with its solo tokens', async () => {
+    const { store, pager, batcher, steps } = await setup('chunked', 100000, { maxBatchTokens: 4 }, 2);
+    const long = request(0, 'a1', { promptIds: Array.from({ length: 21 }, (_, k) => 1 + ((k * 7) % 40)), maxTokens: 5 });
+    const short = [1, 2, 3].map((i) => request(i, i === 2 ? null : 'a0', { maxTokens: 12 }));
+    // the short ones start first, then the long prompt arrives while they decode
+    const first = short.map((r) => batcher.submit(r));
+    await new Promise((r) => setImmediate(r));
+    const results = await Promise.all([batcher.submit(long), ...first]);
+    for (const [i, r] of [long, ...short].entries()) assert.deepEqual(results[i].tokenIds, await alone(store, r), `request ${i}`);
+    assert.ok(steps.every((st) => st.prefilled <= 4), `prefill tokens per step: ${steps.map((st) => st.prefilled).join(' ')}`);
+    const overlapped = steps.filter((st) => st.prefilled > 0 && st.running > 1);
+    assert.ok(overlapped.length >= 5, 'the long prompt took several steps, during which the others decoded');
+    batcher.close();
+    pager.dispose();
+  });
+
+  test('an echo prompt over max-batch-tokens is not split, and still runs', async () => {
+    const { pager, batcher, steps } = await setup('echo-long', 100000, { maxBatchTokens: 4 }, 0);
+    const prompt = Array.from({ length: 9 }, (_, k) => 2 + k);
+    const [echoed, other] = await Promise.all([
+      batcher.submit(request(0, null, { promptIds: prompt, maxTokens: 2, echo: true, logprobs: 1 })),
+      batcher.submit(request(1, null, { maxTokens: 4 })),
+    ]);
+    assert.equal(echoed.promptLogprobs?.length, prompt.length);
+    assert.ok(echoed.promptLogprobs!.slice(1).every((lp) => lp && Number.isFinite(lp.logprob)));
+    assert.equal(other.tokenIds.length, 4);
+    assert.ok(steps.some((st) => st.prefilled === 9), 'the echo prompt went in whole');
     batcher.close();
     pager.dispose();
   });

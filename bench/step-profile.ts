@@ -1,9 +1,12 @@
 /**
  * bench:step-profile — where a scheduler step's time goes (admission, prefill, repack, decode)
  * when many requests run at once on the SmolLM2-135M shape, with 1 adapter vs N distinct ones.
- * No HTTP: requests go straight to the Gateway, all submitted at t=0.
+ * No HTTP: requests go straight to the Gateway, all submitted at t=0. Request i asks for
+ * output + (i mod stagger) tokens, so with --stagger ≥ --requests one sequence finishes per
+ * step and the batch's adapter set changes at every step, as under continuous batching. Each
+ * adapter count runs twice: the first pass loads adapters cold, the second finds them on device.
  *
- *   npm run bench:step-profile [-- --requests 24 --adapters 1,24]
+ *   npm run bench:step-profile [-- --requests 24 --adapters 1,24 --stagger 24]
  */
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';

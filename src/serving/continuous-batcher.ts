@@ -1,12 +1,10 @@
 import { AdapterError, LoraGatewayError, RequestError } from '../errors.js';
 import type { SequenceKvCache } from '../model/kv-cache.js';
-import type { LoraStrategy } from '../model/lora-batch.js';
 import { LoraStackCache } from '../model/lora-stack-cache.js';
-import { forwardSequences, type LlamaModel } from '../model/llama-model.js';
-import type { AdapterPager } from '../pager/adapter-pager.js';
-import type { AdapterRecord, AdapterStore } from '../pager/adapter-store.js';
-import type { PagePool } from '../pager/page-pool.js';
+import { forwardSequences } from '../model/llama-model.js';
+import type { AdapterRecord } from '../pager/adapter-store.js';
 import { kvPagesPerToken } from '../pager/page-sizes.js';
+import type { BatcherParts } from './batcher-options.js';
 import { prefillLogits, readRows, scored, splitPrefillRows, validateRequest, type GenerationResult } from './batch-generator.js';
 import { DecodeBatch } from './decode-batch.js';
 import { FairQueue } from './fair-queue.js';
@@ -14,46 +12,15 @@ import { BASE_KEY, prefillTokens, type Sequence } from './sequence.js';
 import { TokenSampler } from './sampler.js';
 import type { CompletionRequest, TokenEvent } from './serving-engine.js';
 
-export interface BatcherLimits {
-  maxRunningSeqs: number;
-  /** Prompt tokens prefilled in one step: longer prompts are prefilled in chunks over several steps (chunked prefill). */
-  maxBatchTokens: number;
-  maxAdaptersPerBatch: number;
-  /** Requests beyond this many waiting are refused with QUEUE_FULL. */
-  maxWaiting: number;
-}
-
-export interface BatcherParts {
-  model: LlamaModel;
-  store: AdapterStore;
-  pager: AdapterPager;
-  pool: PagePool;
-  limits: BatcherLimits;
-  stopTokenIds: number[];
-  loraStrategy?: LoraStrategy;
-  /** Called after every step, for metrics and tests. */
-  onStep?: (info: StepInfo) => void;
-}
-
-export interface StepInfo {
-  running: number;
-  waiting: number;
-  admitted: number;
-  /** Prompt tokens prefilled in this step. */
-  prefilled: number;
-  finished: number;
-  /** Running sequences sent back to the queue this step because decode ran out of pages. */
-  preempted: number;
-  /** Wall time of the step's phases, in milliseconds. */
-  ms: { grow: number; admit: number; prefill: number; repack: number; decode: number };
-}
+export type { BatcherLimits, BatcherParts, StepInfo } from './batcher-options.js';
 
 /**
  * Iteration-level scheduling (Orca / vLLM / S-LoRA): at every step boundary finished and
  * cancelled sequences leave, waiting requests are admitted (fairly across adapters) when their
  * adapter's pages and all the KV pages they may need (prompt + max_tokens) fit the pool's free
- * pages, new ones are prefilled, and every running sequence decodes one token with its own
- * adapter. A sequence holds KV pages only for the tokens it has, growing by one token's pages
+ * pages, prompts are prefilled (at most maxBatchTokens per step, so a long prompt goes in over
+ * several steps while the others keep decoding), and every sequence whose prompt is in decodes
+ * one token with its own adapter. A sequence holds KV pages only for the tokens it has, growing by one token's pages
  * per step, so the pool is over-committed the way vLLM's is: when a step's growth does not
  * fit (after evicting unpinned adapters), the newest running sequence is preempted — its KV
  * freed, its adapter unpinned, and it goes back to the head of its queue; on re-admission it

@@ -17,6 +17,13 @@ export class GatewayMetrics {
   readonly generatedTokens = new Counter({ name: 'lora_gateway_generation_tokens_total', help: 'Tokens generated', registers: [this.registry] });
   readonly batchSize = new Histogram({ name: 'lora_gateway_batch_size', help: 'Sequences in each scheduler step', buckets: [1, 2, 4, 8, 16, 32, 64, 128], registers: [this.registry] });
 
+  readonly stepSeconds = new Histogram({
+    name: 'lora_gateway_step_seconds',
+    help: 'Time of one scheduler step spent prefilling prompts and decoding the batch',
+    labelNames: ['phase'],
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [this.registry],
+  });
   readonly preemptions = new Counter({ name: 'lora_gateway_preemptions_total', help: 'Running sequences sent back to the queue because KV pages ran out', registers: [this.registry] });
 
   readonly adapterLoad = new Histogram({ name: 'lora_gateway_adapter_load_seconds', help: 'Time to bring an adapter onto the device', buckets: LATENCY_BUCKETS, registers: [this.registry] });
@@ -27,6 +34,8 @@ export class GatewayMetrics {
     engine.onStep((info) => {
       if (info.running > 0) this.batchSize.observe(info.running);
       if (info.preempted > 0) this.preemptions.inc(info.preempted);
+      if (info.prefilled > 0) this.stepSeconds.observe({ phase: 'prefill' }, info.ms.prefill / 1000);
+      if (info.ms.decode > 0) this.stepSeconds.observe({ phase: 'decode' }, info.ms.decode / 1000);
     });
     new Gauge({ name: 'lora_gateway_running_sequences', help: 'Sequences decoding now', registers: r, collect() { this.set(engine.stats().running); } });
     new Gauge({ name: 'lora_gateway_waiting_sequences', help: 'Requests waiting for admission', registers: r, collect() { this.set(engine.stats().waiting); } });

@@ -24,7 +24,7 @@ Usage:
   lora-gateway demo [--data DIR]
   lora-gateway serve [--model DIR] [--adapter-dir DIR] [--host H] [--port P] [--served-model-name NAME]
                      [--data DIR] [--device-memory 256MiB] [--host-memory 1GiB] [--max-running-seqs N]
-                     [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N]
+                     [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N] [--body-limit 256MiB]
       without --model: serves the demo model (created once under --data, default ./data)
 
 Engine options (also LORA_GATEWAY_BACKEND, LORA_GATEWAY_MAX_LORA_RANK, LORA_GATEWAY_LORA_STRATEGY):
@@ -62,6 +62,7 @@ const OPTIONS = {
   'max-batch-tokens': { type: 'string' },
   'max-adapters-per-batch': { type: 'string' },
   'max-waiting': { type: 'string' },
+  'body-limit': { type: 'string' },
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
   'lora-strategy': { type: 'string' },
@@ -197,6 +198,7 @@ export async function main(argv: string[]): Promise<number> {
         maxBatchTokens: num(flags['max-batch-tokens'], 'max-batch-tokens'),
         maxAdaptersPerBatch: num(flags['max-adapters-per-batch'], 'max-adapters-per-batch'),
         maxWaiting: num(flags['max-waiting'], 'max-waiting'),
+        bodyLimitBytes: parseBytes(flags['body-limit'] ?? env.LORA_GATEWAY_BODY_LIMIT, 'body-limit'),
       });
       const server = await serve({ modelDir: flags.model, engine: config, serve: serveConfig, log: logToStderr });
       await new Promise<void>((done) => {

@@ -1,6 +1,7 @@
 import type { SamplingParams } from './sampler.js';
 import type { GenerationResult, ScoredToken } from './batch-generator.js';
 import type { AdapterResidence } from '../pager/adapter-pager.js';
+import type { StepInfo } from './batcher-options.js';
 import type { AdapterRecord, AdapterFiles } from '../pager/adapter-store.js';
 import type { ModelConfig } from '../model/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer.js';
@@ -62,7 +63,7 @@ export interface ServingEngine {
   loadError(record: AdapterRecord): string | undefined;
   stats(): EngineStats;
   /** Called after every scheduler step with the batch it ran. */
-  onStep(listener: (info: { running: number; waiting: number; admitted: number; finished: number; preempted: number }) => void): void;
+  onStep(listener: (info: StepInfo) => void): void;
   /** Reports how long each adapter load onto the device took, in seconds. */
   onAdapterLoad(listener: (seconds: number) => void): void;
   close(): Promise<void>;

@@ -8,9 +8,9 @@ import { after, test } from 'node:test';
 let dataDir: string | undefined;
 after(async () => dataDir && rm(dataDir, { recursive: true, force: true }));
 
-test('serve without --model creates the demo model, prints a working curl line, and answers it', async () => {
+test('serve without --model creates the demo model, prints a working curl line, and answers it; --body-limit applies', async () => {
   dataDir = await mkdtemp(join(tmpdir(), 'lora-gateway-serve-'));
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--data', dataDir, '--port', '0', '--backend', 'wasm'], {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--data', dataDir, '--port', '0', '--backend', 'wasm', '--body-limit', '4KiB'], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   try {
@@ -37,6 +37,8 @@ test('serve without --model creates the demo model, prints a working curl line, 
     const json = (await res.json()) as { object: string; choices: { text: string }[] };
     assert.equal(json.object, 'text_completion');
     assert.equal(typeof json.choices[0].text, 'string');
+    const tooBig = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'demo-model', prompt: 'x'.repeat(8192) }) });
+    assert.equal(tooBig.status, 413);
   } finally {
     child.kill('SIGTERM');
   }

@@ -58,7 +58,12 @@ const serveConfigSchema = z
     /** Host-memory cache of adapters read from disk. @defaultValue 1 GiB */
     hostMemoryBytes: z.number().int().positive().default(1024 * 1024 * 1024),
     maxRunningSeqs: z.number().int().positive().default(32),
-    maxBatchTokens: z.number().int().positive().default(2048),
+    /**
+     * Prompt tokens prefilled per step; longer prompts are chunked. On the wasm backend a
+     * 512-token step takes 5–7 s, during which running streams wait: lower it for smoother
+     * inter-token latency, raise it on fast backends. @defaultValue 512
+     */
+    maxBatchTokens: z.number().int().positive().default(512),
     maxAdaptersPerBatch: z.number().int().positive().default(32),
     /** Waiting requests beyond this get HTTP 429. @defaultValue 256 */
     maxWaiting: z.number().int().positive().default(256),

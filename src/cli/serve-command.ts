@@ -5,6 +5,7 @@ import { buildApp } from '../api/app.js';
 import { GatewayMetrics } from '../api/metrics.js';
 import type { EngineConfig, ServeConfig } from '../config.js';
 import { resolveBackend } from '../model/backend.js';
+import { describeLoraCostModel, measureLoraCostModel } from '../model/lora-cost-model.js';
 import { loadLlamaModel } from '../model/model-loader.js';
 import { Gateway } from '../serving/gateway.js';
 import { writeDemoModel } from './demo-model-command.js';
@@ -35,6 +36,8 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   let adapterDir = cfg.adapterDir;
   if (!modelDir) ({ modelDir, adapterDir } = await demoModelDir(cfg.dataDir, log));
   const modelId = cfg.servedModelName ?? basename(resolve(modelDir));
+  const loraCost = measureLoraCostModel();
+  log(`LoRA cost model measured on this backend: ${describeLoraCostModel(loraCost)}`);
   const gateway = await Gateway.create({
     modelId,
     model: await loadLlamaModel(modelDir),
@@ -44,6 +47,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     hostMemoryBytes: cfg.hostMemoryBytes,
     maxLoraRank: engine.maxLoraRank,
     loraStrategy: engine.loraStrategy,
+    loraCost,
     limits: {
       maxRunningSeqs: cfg.maxRunningSeqs,
       maxBatchTokens: cfg.maxBatchTokens,

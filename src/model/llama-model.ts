@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { RequestError } from '../errors.js';
 import { DecodeBatchCache, MASKED, SequenceKvCache } from './kv-cache.js';
 import type { LoraAdapter } from './lora-adapter.js';
-import { LoraBatch, type LoraRowSegment, type LoraStrategy } from './lora-batch.js';
+import { LoraBatch, type LoraCostModel, type LoraRowSegment, type LoraStrategy } from './lora-batch.js';
 import type { LoraStackCache } from './lora-stack-cache.js';
 import { disposeLlamaWeights, type LlamaWeights, type ProjectionName } from './llama-weights.js';
 import type { ModelConfig } from './model-config.js';
@@ -31,6 +31,8 @@ export class LlamaModel {
 
 export interface ForwardOptions {
   loraStrategy?: LoraStrategy;
+  /** Backend costs for the stacked/segmented choice (default: WASM_COST_MODEL). */
+  loraCost?: LoraCostModel;
   stackCache?: LoraStackCache;
 }
 
@@ -140,7 +142,7 @@ export function forwardSequences(model: LlamaModel, steps: SequenceStep[], optio
     if (s.logits === 'all') for (let i = 0; i < s.tokens.length; i++) logitRows.push(start + i);
     else if (s.logits === 'last' && s.tokens.length > 0) logitRows.push(start + s.tokens.length - 1);
   }
-  const lora = new LoraBatch(segments, ids.length, { strategy: options.loraStrategy, stackCache: options.stackCache });
+  const lora = new LoraBatch(segments, ids.length, { strategy: options.loraStrategy, cost: options.loraCost, stackCache: options.stackCache });
   let result: tf.Tensor2D;
   try {
     result = tf.tidy(() => {
@@ -197,7 +199,7 @@ export function forwardDecode(
     if (last && last.adapter === adapter) last.count++;
     else segments.push({ start: b, count: 1, adapter });
   });
-  const lora = new LoraBatch(segments, B, { strategy: options.loraStrategy, stackCache: options.stackCache });
+  const lora = new LoraBatch(segments, B, { strategy: options.loraStrategy, cost: options.loraCost, stackCache: options.stackCache });
   let result: tf.Tensor2D;
   try {
     result = tf.tidy(() => {

@@ -1,4 +1,4 @@
-import type { LoraStrategy } from '../model/lora-batch.js';
+import type { LoraCostModel, LoraStrategy } from '../model/lora-batch.js';
 import type { LlamaModel } from '../model/llama-model.js';
 import type { AdapterPager } from '../pager/adapter-pager.js';
 import type { AdapterStore } from '../pager/adapter-store.js';
@@ -21,6 +21,7 @@ export interface BatcherParts {
   limits: BatcherLimits;
   stopTokenIds: number[];
   loraStrategy?: LoraStrategy;
+  loraCost?: LoraCostModel;
   /** Called after every step, for metrics and tests. */
   onStep?: (info: StepInfo) => void;
 }

@@ -283,7 +283,7 @@ export class ContinuousBatcher {
    * token already ends them.
    */
   private async prefill(chunks: Map<Sequence, number>, finished: Sequence[]): Promise<Sequence[]> {
-    const { model, loraStrategy } = this.parts;
+    const { model, loraStrategy, loraCost } = this.parts;
     const work = [...chunks].map(([s, n]) => {
       const all = prefillTokens(s);
       const completes = s.prefilled + n === all.length;
@@ -296,7 +296,7 @@ export class ContinuousBatcher {
         model,
         work.map((w) => ({ tokens: w.tokens, cache: w.s.cache, adapter: w.s.adapter, logits: w.scores ? prefillLogits(w.s.request) : ('none' as const) })),
         // no stack cache: it holds the decode batch's adapters, which a prefill's set would churn
-        { loraStrategy },
+        { loraStrategy, loraCost },
       ),
     );
     for (const w of work) w.s.prefilled += w.tokens.length;
@@ -323,11 +323,11 @@ export class ContinuousBatcher {
   }
 
   private async decode(finished: Sequence[]): Promise<void> {
-    const { model, loraStrategy } = this.parts;
+    const { model, loraStrategy, loraCost } = this.parts;
     const live = [...this.batch.sequences];
     const V = model.config.vocabSize;
     const tokens = live.map((s) => s.result.tokenIds[s.result.tokenIds.length - 1]);
-    const rows = await readRows(this.batch.decode(model, tokens, live.map((s) => s.adapter), { loraStrategy, stackCache: this.stackCache }));
+    const rows = await readRows(this.batch.decode(model, tokens, live.map((s) => s.adapter), { loraStrategy, loraCost, stackCache: this.stackCache }));
     const done = live.filter((s, b) => !this.accept(s, rows.subarray(b * V, (b + 1) * V)));
     for (const s of done) this.complete(s);
     this.batch.retain((s) => !done.includes(s));

@@ -2,7 +2,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AdapterError } from '../errors.js';
 import type { LlamaModel } from '../model/llama-model.js';
-import type { LoraStrategy } from '../model/lora-batch.js';
+import type { LoraCostModel, LoraStrategy } from '../model/lora-batch.js';
 import type { ModelConfig } from '../model/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer.js';
 import { AdapterPager, type AdapterResidence } from '../pager/adapter-pager.js';
@@ -25,6 +25,8 @@ export interface GatewayOptions {
   maxLoraRank: number;
   limits: BatcherLimits;
   loraStrategy?: LoraStrategy;
+  /** Costs of this backend for the LoRA strategy choice; measureLoraCostModel() gives them. */
+  loraCost?: LoraCostModel;
   onStep?: (info: StepInfo) => void;
 }
 
@@ -60,6 +62,7 @@ export class Gateway implements ServingEngine {
       limits: options.limits,
       stopTokenIds,
       loraStrategy: options.loraStrategy,
+      loraCost: options.loraCost,
       onStep: (info) => {
         options.onStep?.(info);
         for (const l of this.stepListeners) l(info);

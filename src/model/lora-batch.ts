@@ -29,7 +29,6 @@ export const WASM_COST_MODEL: LoraCostModel = { flopsPerSecond: 16e9, secondsPer
 interface Participant {
   adapter: LoraAdapter;
   weights: LoraModuleWeights;
-  segments: LoraRowSegment[];
   rows: number;
 }
 
@@ -48,9 +47,7 @@ export class LoraBatch {
   private readonly totalRows: number;
   private readonly strategy: LoraStrategy;
   private readonly cost: LoraCostModel;
-  private readonly stackCache: LoraStackCache | undefined;
   private readonly masks = new Map<string, tf.Tensor2D>();
-  private readonly anyAdapter: boolean;
   /** Row segments of each adapter in the batch. */
   private readonly rowsOf = new Map<LoraAdapter, LoraRowSegment[]>();
   private readonly chunks: readonly LoraStackChunk[] | undefined;
@@ -66,8 +63,6 @@ export class LoraBatch {
     this.totalRows = totalRows;
     this.strategy = options.strategy ?? 'auto';
     this.cost = options.cost ?? WASM_COST_MODEL;
-    this.stackCache = options.stackCache;
-    this.anyAdapter = segments.some((s) => s.adapter !== null && s.count > 0);
     for (const seg of segments) {
       if (!seg.adapter || seg.count === 0) continue;
       const list = this.rowsOf.get(seg.adapter);
@@ -76,7 +71,7 @@ export class LoraBatch {
     }
     // planned every step, even when no module takes the stacked path, so that chunks of
     // adapters that have left are freed promptly (stacks inside chunks are built lazily)
-    this.chunks = this.stackCache?.plan(new Set(this.rowsOf.keys()));
+    this.chunks = options.stackCache?.plan(new Set(this.rowsOf.keys()));
   }
 
   dispose(): void {
@@ -86,7 +81,7 @@ export class LoraBatch {
 
   /** The LoRA delta [T, out] for x [T, in] at one projection, or null when no row adapts it. */
   delta(layer: number, proj: ProjectionName, x: tf.Tensor2D): tf.Tensor2D | null {
-    if (!this.anyAdapter) return null;
+    if (this.rowsOf.size === 0) return null;
     const participants = this.participants(layer, proj);
     if (participants.length === 0) return null;
     const outFeatures = participants[0].weights.bT.shape[1];
@@ -101,18 +96,12 @@ export class LoraBatch {
     return choice === 'stacked' ? this.stacked(layer, proj, x, participants) : this.segmented(x, layer, proj, outFeatures);
   }
 
+  /** The batch's adapters that adapt this module, in order of first row, with their row counts. */
   private participants(layer: number, proj: ProjectionName): Participant[] {
-    const byAdapter = new Map<LoraAdapter, Participant>();
-    for (const seg of this.segments) {
-      if (!seg.adapter || seg.count === 0) continue;
-      const weights = seg.adapter.module(layer, proj);
-      if (!weights) continue;
-      let p = byAdapter.get(seg.adapter);
-      if (!p) byAdapter.set(seg.adapter, (p = { adapter: seg.adapter, weights, segments: [], rows: 0 }));
-      p.segments.push(seg);
-      p.rows += seg.count;
-    }
-    return [...byAdapter.values()];
+    return [...this.rowsOf].flatMap(([adapter, segs]) => {
+      const weights = adapter.module(layer, proj);
+      return weights ? [{ adapter, weights, rows: segs.reduce((n, s) => n + s.count, 0) }] : [];
+    });
   }
 
   private cheaper(layer: number, proj: ProjectionName, ps: Participant[], inF: number, outF: number): 'stacked' | 'segmented' {

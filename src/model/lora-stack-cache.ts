@@ -27,17 +27,17 @@ export class LoraStackChunk {
     const key = `${layer}.${proj}`;
     const cached = this.stacks.get(key);
     if (cached !== undefined) return cached;
-    const members = this.adapters.flatMap((adapter) => {
-      const w = adapter.isDisposed ? undefined : adapter.module(layer, proj);
-      return w ? [{ adapter, rank: w.rank, scale: w.scale }] : [];
+    const present = this.adapters.flatMap((adapter) => {
+      const weights = adapter.isDisposed ? undefined : adapter.module(layer, proj);
+      return weights ? [{ adapter, weights }] : [];
     });
     let stack: LoraStack | null = null;
-    if (members.length > 0) {
-      const weights = members.map((m) => m.adapter.module(layer, proj)!);
+    if (present.length > 0) {
+      const weights = present.map((p) => p.weights);
       stack = {
         aCat: tf.keep(weights.length === 1 ? tf.clone(weights[0].aT) : tf.concat(weights.map((w) => w.aT), 1)),
         bCat: tf.keep(weights.length === 1 ? tf.clone(weights[0].bT) : tf.concat(weights.map((w) => w.bT), 0)),
-        members,
+        members: present.map(({ adapter, weights: w }) => ({ adapter, rank: w.rank, scale: w.scale })),
       };
     }
     this.stacks.set(key, stack);

@@ -89,7 +89,6 @@ export class ContinuousBatcher {
         phase: 'waiting',
         prefilled: 0,
         admittedAt: 0,
-        preemptions: 0,
       };
       this.inFlight.set(seq.adapterKey, (this.inFlight.get(seq.adapterKey) ?? 0) + 1);
       this.waiting.push(seq);
@@ -265,16 +264,20 @@ export class ContinuousBatcher {
   /** Frees a running sequence's KV pages and batch row, unpins its adapter, and requeues it first in its adapter's queue. */
   private preempt(s: Sequence): void {
     this.batch.retain((x) => x !== s);
+    this.release(s);
+    s.phase = 'waiting';
+    s.prefilled = 0;
+    this.waiting.requeue(s);
+  }
+
+  /** Takes a sequence out of the running set: its prefill cache, KV pages and adapter pin go. */
+  private release(s: Sequence): void {
     this.running = this.running.filter((x) => x !== s);
+    s.cache?.dispose();
+    s.cache = undefined;
     this.parts.pool.release(`kv:${s.id}`);
     if (s.record && s.adapter) this.parts.pager.release(s.record);
     s.adapter = null;
-    s.cache?.dispose();
-    s.cache = undefined;
-    s.phase = 'waiting';
-    s.prefilled = 0;
-    s.preemptions++;
-    this.waiting.requeue(s);
   }
 
   /**
@@ -372,12 +375,7 @@ export class ContinuousBatcher {
   /** Frees everything a sequence holds and settles its promise. */
   private finish(s: Sequence, err: unknown): void {
     s.detachAbort?.();
-    this.running = this.running.filter((x) => x !== s);
-    s.cache?.dispose();
-    s.cache = undefined;
-    this.parts.pool.release(`kv:${s.id}`);
-    if (s.record && s.adapter) this.parts.pager.release(s.record);
-    s.adapter = null;
+    this.release(s);
     const left = (this.inFlight.get(s.adapterKey) ?? 1) - 1;
     if (left > 0) this.inFlight.set(s.adapterKey, left);
     else this.inFlight.delete(s.adapterKey);

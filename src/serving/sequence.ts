@@ -33,8 +33,6 @@ export interface Sequence {
   detachAbort?: () => void;
   /** Order of (re-)admission: the newest running sequence is preempted first. */
   admittedAt: number;
-  /** Times it was preempted; a resumed sequence re-prefills its prompt and the tokens it had. */
-  preemptions: number;
 }
 
 export const BASE_KEY = '(base)';

@@ -221,8 +221,38 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+/**
+ * Resolves once everything written to `stream` so far has left the process. Writes to a pipe are
+ * asynchronous on POSIX: `process.exit` right after them drops what is still queued (a reader
+ * that drains slowly then sees only part of the output). Writable streams complete writes in
+ * order, so the callback of an empty write fires after every earlier chunk is flushed.
+ */
+function flushed(stream: NodeJS.WriteStream): Promise<void> {
+  return new Promise((done) => {
+    if (stream.destroyed || stream.writableEnded) done();
+    else stream.write('', () => done());
+  });
+}
+
+/** Exits with `code` only after stdout and stderr are flushed, on pipes, files and terminals alike. */
+async function exitAfterFlush(code: number): Promise<never> {
+  process.exitCode = code;
+  await Promise.all([flushed(process.stdout), flushed(process.stderr)]);
+  process.exit(code);
+}
+
 // Run when executed (also through npm's bin symlink), not when imported by tests.
 const invokedDirectly = process.argv[1] !== undefined && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
 if (invokedDirectly) {
-  main(process.argv.slice(2)).then((code) => process.exit(code));
+  // A reader that closes its end early (`| head`) is not an error of ours: stop writing, exit quietly.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw err;
+  });
+  main(process.argv.slice(2))
+    .catch((err: unknown) => {
+      process.stderr.write(`${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+      return 1;
+    })
+    .then(exitAfterFlush);
 }

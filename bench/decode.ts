@@ -8,18 +8,18 @@
 import * as tf from '@tensorflow/tfjs-core';
 import os from 'node:os';
 import { parseArgs } from 'node:util';
-import { resolveBackend } from '../src/model/backend.js';
-import { DecodeBatchCache } from '../src/model/kv-cache.js';
-import type { LoraStrategy } from '../src/model/lora-batch.js';
-import { LoraStackCache } from '../src/model/lora-stack-cache.js';
-import type { LoraAdapter } from '../src/model/lora-adapter.js';
-import { forwardDecode, forwardSequences, LlamaModel } from '../src/model/llama-model.js';
-import { llamaWeightsFromArrays, PROJECTIONS, projectionModulePath, projectionShape, type ProjectionName } from '../src/model/llama-weights.js';
-import { parseModelConfig, type ModelConfig } from '../src/model/model-config.js';
-import { uploadAdapter } from '../src/model/peft-adapter-reader.js';
-import { randomLlamaWeights, randomLoraWeights } from '../src/model/random-weights.js';
-import { SMOLLM2_135M_SHAPE } from '../src/model/model-shapes.js';
-import { SeededRandom } from '../src/model/seeded-random.js';
+import { resolveBackend } from '../src/model/backend/backend.js';
+import { DecodeBatchCache } from '../src/model/forward/kv-cache.js';
+import type { LoraStrategy } from '../src/model/lora/lora-batch.js';
+import { LoraStackCache } from '../src/model/lora/lora-stack-cache.js';
+import type { LoraAdapter } from '../src/model/lora/lora-adapter.js';
+import { forwardDecode, forwardSequences, LlamaModel } from '../src/model/forward/llama-model.js';
+import { llamaWeightsFromArrays, PROJECTIONS, projectionModulePath, projectionShape, type ProjectionName } from '../src/model/architecture/llama-weights.js';
+import { parseModelConfig, type ModelConfig } from '../src/model/architecture/model-config.js';
+import { uploadAdapter } from '../src/model/lora/peft-adapter-reader.js';
+import { randomLlamaWeights, randomLoraWeights } from '../src/model/synthetic/random-weights.js';
+import { SMOLLM2_135M_SHAPE } from '../src/model/architecture/model-shapes.js';
+import { SeededRandom } from '../src/model/synthetic/seeded-random.js';
 
 
 const { values } = parseArgs({

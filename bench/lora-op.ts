@@ -7,10 +7,10 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import { parseArgs } from 'node:util';
-import { resolveBackend } from '../src/model/backend.js';
-import { LoraAdapter, loraModuleKey } from '../src/model/lora-adapter.js';
-import { LoraBatch, type LoraRowSegment, type LoraStrategy } from '../src/model/lora-batch.js';
-import { LoraStackCache } from '../src/model/lora-stack-cache.js';
+import { resolveBackend } from '../src/model/backend/backend.js';
+import { LoraAdapter, loraModuleKey } from '../src/model/lora/lora-adapter.js';
+import { LoraBatch, type LoraRowSegment, type LoraStrategy } from '../src/model/lora/lora-batch.js';
+import { LoraStackCache } from '../src/model/lora/lora-stack-cache.js';
 
 const { values } = parseArgs({
   options: {

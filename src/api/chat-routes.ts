@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { RequestError } from '../errors.js';
-import type { TextTokenizer } from '../model/tokenizer.js';
+import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import type { ScoredToken } from '../serving/batch-generator.js';
 import { MAX_LOGPROBS } from '../serving/sampler.js';
 import type { CompletionRequest, ServingEngine } from '../serving/serving-engine.js';

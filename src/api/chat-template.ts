@@ -1,6 +1,6 @@
 import { Template } from '@huggingface/jinja';
 import { RequestError } from '../errors.js';
-import type { TextTokenizer } from '../model/tokenizer.js';
+import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 
 export interface ChatMessage {
   role: string;

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { AdapterError, RequestError } from '../errors.js';
-import type { TextTokenizer } from '../model/tokenizer.js';
+import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import type { SamplingParams } from '../serving/sampler.js';
 import type { ServingEngine } from '../serving/serving-engine.js';
 import type { GenerationOutcome } from './generation-run.js';

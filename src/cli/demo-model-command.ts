@@ -1,10 +1,10 @@
 import { join } from 'node:path';
-import { buildDemoTokenizer } from '../model/demo-tokenizer.js';
-import { peftConfigJson, writeModelFolder, writePeftAdapter } from '../model/hf-folder-writer.js';
-import { PROJECTIONS, projectionModulePath, type ProjectionName } from '../model/llama-weights.js';
-import { parseModelConfig } from '../model/model-config.js';
-import { randomLlamaWeights, randomLoraWeights } from '../model/random-weights.js';
-import type { StoredDtype } from '../model/safetensors.js';
+import { buildDemoTokenizer } from '../model/tokenizer/demo-tokenizer.js';
+import { peftConfigJson, writeModelFolder, writePeftAdapter } from '../model/synthetic/hf-folder-writer.js';
+import { PROJECTIONS, projectionModulePath, type ProjectionName } from '../model/architecture/llama-weights.js';
+import { parseModelConfig } from '../model/architecture/model-config.js';
+import { randomLlamaWeights, randomLoraWeights } from '../model/synthetic/random-weights.js';
+import type { StoredDtype } from '../model/formats/safetensors.js';
 
 /** Ranks and targets the demo adapters cycle through, so a demo batch is heterogeneous. */
 const DEMO_RANKS = [4, 8, 16, 32];

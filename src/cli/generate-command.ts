@@ -3,10 +3,10 @@ import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { z } from 'zod';
 import type { EngineConfig } from '../config.js';
 import { LoraGatewayError, RequestError } from '../errors.js';
-import type { LlamaModel } from '../model/llama-model.js';
-import type { LoraAdapter } from '../model/lora-adapter.js';
-import { loadPeftAdapter } from '../model/peft-adapter-reader.js';
-import { TextTokenizer } from '../model/tokenizer.js';
+import type { LlamaModel } from '../model/forward/llama-model.js';
+import type { LoraAdapter } from '../model/lora/lora-adapter.js';
+import { loadPeftAdapter } from '../model/lora/peft-adapter-reader.js';
+import { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import { generateBatch, validateRequest, type GenerationRequest, type GenerationResult, type ScoredToken } from '../serving/batch-generator.js';
 
 /** One input line of `generate --batch`. */

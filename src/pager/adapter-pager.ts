@@ -1,8 +1,8 @@
 import { LRUCache } from 'lru-cache';
 import { LoraGatewayError } from '../errors.js';
-import type { LoraAdapter } from '../model/lora-adapter.js';
-import type { ModelConfig } from '../model/model-config.js';
-import { uploadAdapter, type HostLoraAdapter } from '../model/peft-adapter-reader.js';
+import type { LoraAdapter } from '../model/lora/lora-adapter.js';
+import type { ModelConfig } from '../model/architecture/model-config.js';
+import { uploadAdapter, type HostLoraAdapter } from '../model/lora/peft-adapter-reader.js';
 import type { AdapterRecord, AdapterStore } from './adapter-store.js';
 import type { PagePool } from './page-pool.js';
 import { adapterPages } from './page-sizes.js';

@@ -2,9 +2,9 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AdapterError } from '../errors.js';
-import type { ModelConfig } from '../model/model-config.js';
-import { readPeftAdapter, type HostLoraAdapter } from '../model/peft-adapter-reader.js';
-import type { ProjectionName } from '../model/llama-weights.js';
+import type { ModelConfig } from '../model/architecture/model-config.js';
+import { readPeftAdapter, type HostLoraAdapter } from '../model/lora/peft-adapter-reader.js';
+import type { ProjectionName } from '../model/architecture/llama-weights.js';
 
 /** What the store knows about one stored adapter version. */
 export interface AdapterRecord {

@@ -1,5 +1,5 @@
-import type { ModelConfig } from '../model/model-config.js';
-import { projectionShape, type ProjectionName } from '../model/llama-weights.js';
+import type { ModelConfig } from '../model/architecture/model-config.js';
+import { projectionShape, type ProjectionName } from '../model/architecture/llama-weights.js';
 
 /**
  * Page sizes of S-LoRA's unified memory pool: one page holds one vector of the model's hidden

@@ -1,10 +1,10 @@
 import type * as tf from '@tensorflow/tfjs-core';
 import { RequestError } from '../errors.js';
-import { DecodeBatchCache } from '../model/kv-cache.js';
-import type { LoraAdapter } from '../model/lora-adapter.js';
-import type { LoraStrategy } from '../model/lora-batch.js';
-import { LoraStackCache } from '../model/lora-stack-cache.js';
-import { forwardDecode, forwardSequences, type LlamaModel, type SequenceStep } from '../model/llama-model.js';
+import { DecodeBatchCache } from '../model/forward/kv-cache.js';
+import type { LoraAdapter } from '../model/lora/lora-adapter.js';
+import type { LoraStrategy } from '../model/lora/lora-batch.js';
+import { LoraStackCache } from '../model/lora/lora-stack-cache.js';
+import { forwardDecode, forwardSequences, type LlamaModel, type SequenceStep } from '../model/forward/llama-model.js';
 import { logSoftmax, MAX_LOGPROBS, TokenSampler, topLogprobs, type SamplingParams, type TokenLogprob } from './sampler.js';
 
 export interface GenerationRequest {

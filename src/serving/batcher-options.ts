@@ -1,5 +1,5 @@
-import type { LoraCostModel, LoraStrategy } from '../model/lora-batch.js';
-import type { LlamaModel } from '../model/llama-model.js';
+import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
+import type { LlamaModel } from '../model/forward/llama-model.js';
 import type { AdapterPager } from '../pager/adapter-pager.js';
 import type { AdapterStore } from '../pager/adapter-store.js';
 import type { PagePool } from '../pager/page-pool.js';

@@ -1,7 +1,7 @@
 import { AdapterError, LoraGatewayError, RequestError } from '../errors.js';
-import type { SequenceKvCache } from '../model/kv-cache.js';
-import { LoraStackCache } from '../model/lora-stack-cache.js';
-import { forwardSequences } from '../model/llama-model.js';
+import type { SequenceKvCache } from '../model/forward/kv-cache.js';
+import { LoraStackCache } from '../model/lora/lora-stack-cache.js';
+import { forwardSequences } from '../model/forward/llama-model.js';
 import type { AdapterRecord } from '../pager/adapter-store.js';
 import { kvPagesPerToken } from '../pager/page-sizes.js';
 import type { BatcherParts } from './batcher-options.js';

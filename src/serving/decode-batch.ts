@@ -1,7 +1,7 @@
 import type * as tf from '@tensorflow/tfjs-core';
-import { DecodeBatchCache, type SequenceKvCache } from '../model/kv-cache.js';
-import type { LoraAdapter } from '../model/lora-adapter.js';
-import { forwardDecode, type ForwardOptions, type LlamaModel } from '../model/llama-model.js';
+import { DecodeBatchCache, type SequenceKvCache } from '../model/forward/kv-cache.js';
+import type { LoraAdapter } from '../model/lora/lora-adapter.js';
+import { forwardDecode, type ForwardOptions, type LlamaModel } from '../model/forward/llama-model.js';
 
 /**
  * The running sequences' KV caches packed into one DecodeBatchCache, with the sequence that

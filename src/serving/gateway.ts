@@ -1,10 +1,10 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AdapterError } from '../errors.js';
-import type { LlamaModel } from '../model/llama-model.js';
-import type { LoraCostModel, LoraStrategy } from '../model/lora-batch.js';
-import type { ModelConfig } from '../model/model-config.js';
-import type { TextTokenizer } from '../model/tokenizer.js';
+import type { LlamaModel } from '../model/forward/llama-model.js';
+import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
+import type { ModelConfig } from '../model/architecture/model-config.js';
+import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import { AdapterPager, type AdapterResidence } from '../pager/adapter-pager.js';
 import { AdapterStore, type AdapterFiles, type AdapterRecord } from '../pager/adapter-store.js';
 import { PagePool } from '../pager/page-pool.js';

@@ -1,5 +1,5 @@
 import { RequestError } from '../errors.js';
-import { SeededRandom } from '../model/seeded-random.js';
+import { SeededRandom } from '../model/synthetic/seeded-random.js';
 
 export interface SamplingParams {
   /** 0 = greedy. */

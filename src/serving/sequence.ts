@@ -1,5 +1,5 @@
-import type { SequenceKvCache } from '../model/kv-cache.js';
-import type { LoraAdapter } from '../model/lora-adapter.js';
+import type { SequenceKvCache } from '../model/forward/kv-cache.js';
+import type { LoraAdapter } from '../model/lora/lora-adapter.js';
 import type { AdapterRecord } from '../pager/adapter-store.js';
 import type { GenerationResult } from './batch-generator.js';
 import type { TokenSampler } from './sampler.js';

@@ -3,8 +3,8 @@ import type { GenerationResult, ScoredToken } from './batch-generator.js';
 import type { AdapterResidence } from '../pager/adapter-pager.js';
 import type { StepInfo } from './batcher-options.js';
 import type { AdapterRecord, AdapterFiles } from '../pager/adapter-store.js';
-import type { ModelConfig } from '../model/model-config.js';
-import type { TextTokenizer } from '../model/tokenizer.js';
+import type { ModelConfig } from '../model/architecture/model-config.js';
+import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 
 /**
  * What the HTTP layer asks of the serving side. The API parses and validates HTTP, turns

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { peftConfigJson } from '../../src/model/hf-folder-writer.js';
+import { peftConfigJson } from '../../src/model/synthetic/hf-folder-writer.js';
 import { startGateway, type GatewayFixture } from '../helpers/gateway-fixture.js';
 
 let fx: GatewayFixture;

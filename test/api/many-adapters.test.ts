@@ -3,8 +3,8 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { demoModelConfigJson } from '../../src/cli/demo-model-command.js';
-import { parseModelConfig } from '../../src/model/model-config.js';
-import { resolvePeftConfig } from '../../src/model/peft-config.js';
+import { parseModelConfig } from '../../src/model/architecture/model-config.js';
+import { resolvePeftConfig } from '../../src/model/lora/peft-config.js';
 import { adapterPages, kvPagesPerToken, pageBytes } from '../../src/pager/page-sizes.js';
 import { startGateway, type GatewayFixture } from '../helpers/gateway-fixture.js';
 

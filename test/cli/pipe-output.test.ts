@@ -5,8 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { after, before, test } from 'node:test';
-import { writeModelFolder } from '../../src/model/hf-folder-writer.js';
-import { randomLlamaWeights } from '../../src/model/random-weights.js';
+import { writeModelFolder } from '../../src/model/synthetic/hf-folder-writer.js';
+import { randomLlamaWeights } from '../../src/model/synthetic/random-weights.js';
 import { TINY_CONFIGS } from '../helpers/tiny-models.js';
 
 let root: string;

@@ -5,8 +5,8 @@ import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../../src/api/app.js';
 import { GatewayMetrics } from '../../src/api/metrics.js';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
-import { loadLlamaModel } from '../../src/model/model-loader.js';
-import { TextTokenizer } from '../../src/model/tokenizer.js';
+import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
+import { TextTokenizer } from '../../src/model/tokenizer/tokenizer.js';
 import { Gateway, type GatewayOptions } from '../../src/serving/gateway.js';
 import { useWasm } from './tiny-models.js';
 

@@ -1,10 +1,10 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { resolveBackend } from '../../src/model/backend.js';
-import { LoraAdapter, loraModuleKey, type LoraModuleWeights } from '../../src/model/lora-adapter.js';
-import { LlamaModel } from '../../src/model/llama-model.js';
-import { llamaWeightsFromArrays, projectionShape, type ProjectionName } from '../../src/model/llama-weights.js';
-import { parseModelConfig } from '../../src/model/model-config.js';
-import { randomLlamaWeights, randomLoraWeights } from '../../src/model/random-weights.js';
+import { resolveBackend } from '../../src/model/backend/backend.js';
+import { LoraAdapter, loraModuleKey, type LoraModuleWeights } from '../../src/model/lora/lora-adapter.js';
+import { LlamaModel } from '../../src/model/forward/llama-model.js';
+import { llamaWeightsFromArrays, projectionShape, type ProjectionName } from '../../src/model/architecture/llama-weights.js';
+import { parseModelConfig } from '../../src/model/architecture/model-config.js';
+import { randomLlamaWeights, randomLoraWeights } from '../../src/model/synthetic/random-weights.js';
 import type { ReferenceLora } from '../reference/llama-reference.js';
 
 export async function useWasm(): Promise<void> {

@@ -4,10 +4,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { AdapterError } from '../../src/errors.js';
-import { peftConfigJson, writePeftAdapter } from '../../src/model/hf-folder-writer.js';
-import { parseModelConfig } from '../../src/model/model-config.js';
-import { resolvePeftConfig } from '../../src/model/peft-config.js';
-import { randomLoraWeights } from '../../src/model/random-weights.js';
+import { peftConfigJson, writePeftAdapter } from '../../src/model/synthetic/hf-folder-writer.js';
+import { parseModelConfig } from '../../src/model/architecture/model-config.js';
+import { resolvePeftConfig } from '../../src/model/lora/peft-config.js';
+import { randomLoraWeights } from '../../src/model/synthetic/random-weights.js';
 import { AdapterStore, type AdapterFiles } from '../../src/pager/adapter-store.js';
 import { TINY_CONFIGS } from '../helpers/tiny-models.js';
 

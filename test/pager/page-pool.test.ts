@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { LoraGatewayError } from '../../src/errors.js';
-import { parseModelConfig } from '../../src/model/model-config.js';
-import { SMOLLM2_135M_SHAPE } from '../../src/model/model-shapes.js';
-import { resolvePeftConfig } from '../../src/model/peft-config.js';
-import { SeededRandom } from '../../src/model/seeded-random.js';
+import { parseModelConfig } from '../../src/model/architecture/model-config.js';
+import { SMOLLM2_135M_SHAPE } from '../../src/model/architecture/model-shapes.js';
+import { resolvePeftConfig } from '../../src/model/lora/peft-config.js';
+import { SeededRandom } from '../../src/model/synthetic/seeded-random.js';
 import { PagePool, type PageKind } from '../../src/pager/page-pool.js';
 import { adapterPages, kvPagesPerToken, loraModulePages, pageBytes } from '../../src/pager/page-sizes.js';
 

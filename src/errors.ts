@@ -38,7 +38,23 @@ export type ErrorCode =
   | 'QUEUE_FULL'
   | 'CONTEXT_LENGTH_EXCEEDED'
   | 'CONFIG_INVALID'
-  | 'BACKEND_UNAVAILABLE';
+  | 'BACKEND_UNAVAILABLE'
+  // federation (src/federation)
+  | 'FEDERATION_DISABLED'
+  | 'FED_JOB_INVALID'
+  | 'FED_METHOD_UNKNOWN'
+  | 'FED_RANK_TOO_LARGE'
+  | 'FED_TARGET_MODULE_UNKNOWN'
+  | 'FED_MIN_CLIENTS_TOO_HIGH'
+  | 'FED_CLIENT_UNKNOWN'
+  | 'FED_JOB_NOT_FOUND'
+  | 'FED_JOB_FINISHED'
+  | 'FED_ROUND_NOT_FOUND'
+  | 'FED_UPDATE_NOT_FOUND'
+  | 'FED_QUORUM_NOT_MET'
+  | 'FED_BASE_MISMATCH'
+  | 'FED_DATA_INVALID'
+  | 'UPDATE_REJECTED';
 
 export class LoraGatewayError extends Error {
   readonly code: ErrorCode;
@@ -68,3 +84,20 @@ export class RequestError extends LoraGatewayError {}
 
 /** Startup configuration (flags, environment) is invalid, or a backend cannot load. */
 export class ConfigError extends LoraGatewayError {}
+
+/** A federation job spec, round or client update is invalid, or federation is off. */
+export class FederationError extends LoraGatewayError {}
+
+/**
+ * A client's update cannot be aggregated. `reason` is a stable snake_case name recorded in the
+ * round record (hash_mismatch, not_safetensors, metadata_mismatch, unexpected_tensor,
+ * missing_tensor, shape_mismatch, not_finite, num_examples_invalid, too_large, missing).
+ */
+export class UpdateRejectedError extends LoraGatewayError {
+  readonly reason: string;
+
+  constructor(reason: string, message: string, options?: { cause?: unknown }) {
+    super('UPDATE_REJECTED', `${reason}: ${message}`, options);
+    this.reason = reason;
+  }
+}

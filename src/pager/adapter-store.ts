@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { AdapterError } from '../errors.js';
+import { AdapterError, RequestError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { readPeftAdapter, type HostLoraAdapter } from '../model/lora/peft-adapter-reader.js';
 import type { ProjectionName } from '../model/architecture/llama-weights.js';
@@ -17,6 +17,16 @@ export interface AdapterRecord {
   sizeBytes: number;
   /** sha256 of the two files, as written in manifest.json. */
   sha256: { config: string; weights: string };
+  /**
+   * Where this version came from, as its publisher described it (federation: job, round,
+   * method, clients, examples, …), kept in manifest.json; absent for plain uploads.
+   */
+  provenance?: Record<string, unknown>;
+}
+
+export interface PutOptions {
+  /** A JSON object written into the version's manifest and shown on its record. */
+  provenance?: Record<string, unknown>;
 }
 
 export interface AdapterFiles {
@@ -61,17 +71,38 @@ async function syncDir(path: string): Promise<void> {
   }
 }
 
+function isNotFound(err: unknown): boolean {
+  return (err as NodeJS.ErrnoException | undefined)?.code === 'ENOENT';
+}
+
+/** A plain JSON object, copied through JSON so the record holds exactly what the manifest will. */
+function jsonObject(value: Record<string, unknown>): Record<string, unknown> {
+  let copy: unknown;
+  try {
+    copy = JSON.parse(JSON.stringify(value)) as unknown;
+  } catch (err) {
+    throw new RequestError('REQUEST_INVALID', 'provenance must be JSON-serializable', { cause: err });
+  }
+  if (typeof copy !== 'object' || copy === null || Array.isArray(copy)) throw new RequestError('REQUEST_INVALID', 'provenance must be a JSON object');
+  return copy as Record<string, unknown>;
+}
+
 /**
  * The disk tier: PEFT adapters under `<root>/<id>/v<version>/`, each version written into a
- * temporary folder (files fsynced, then a manifest with their checksums), validated in full,
- * and only then renamed into place, so a crash never leaves half an adapter visible.
- * Re-putting an id adds a version; readers holding an older version keep reading it.
+ * temporary folder (files fsynced, then a manifest with their checksums and provenance),
+ * validated in full, and only then renamed into place, so a crash never leaves half an
+ * adapter visible. Re-putting an id adds a version; readers holding an older version keep
+ * reading it. Writes of one id (put, delete) run one at a time.
  */
 export class AdapterStore {
   private readonly root: string;
   private readonly model: ModelConfig;
   private readonly maxRank: number;
   private readonly latest = new Map<string, AdapterRecord>();
+  /** Highest version folder number on disk per id, readable or not: a new version never lands on an old folder. */
+  private readonly highest = new Map<string, number>();
+  /** The tail of each id's chain of writes. */
+  private readonly writes = new Map<string, Promise<unknown>>();
 
   private constructor(root: string, model: ModelConfig, maxRank: number) {
     this.root = root;
@@ -90,11 +121,8 @@ export class AdapterStore {
         continue;
       }
       if (!ID_RE.test(entry.name)) continue;
-      const versions = (await readdir(join(root, entry.name)))
-        .map((v) => /^v(\d+)$/.exec(v))
-        .filter((m): m is RegExpExecArray => m !== null)
-        .map((m) => Number(m[1]))
-        .sort((a, b) => b - a);
+      const versions = await store.versionsOf(entry.name);
+      if (versions.length > 0) store.highest.set(entry.name, versions[0]);
       for (const v of versions) {
         const record = await store.readRecord(entry.name, v).catch(() => undefined);
         if (record) {
@@ -106,6 +134,7 @@ export class AdapterStore {
     return store;
   }
 
+  /** The latest version of an id. */
   get(id: string): AdapterRecord | undefined {
     return this.latest.get(id);
   }
@@ -114,17 +143,83 @@ export class AdapterStore {
     return [...this.latest.values()].sort((a, b) => a.id.localeCompare(b.id));
   }
 
-  /** Validates the files completely, then stores them as the id's next version. */
-  async put(id: string, files: AdapterFiles): Promise<AdapterRecord> {
+  /**
+   * Validates the files completely, then stores them as the id's next version, with
+   * `options.provenance` (a JSON object) in its manifest.
+   */
+  async put(id: string, files: AdapterFiles, options: PutOptions = {}): Promise<AdapterRecord> {
     validateAdapterId(id);
+    const provenance = options.provenance === undefined ? undefined : jsonObject(options.provenance);
     // validated from memory before anything is written; errors name the files as '<id>/adapter_model.safetensors'
     const host = await readPeftAdapter(id, this.model, this.maxRank, id, files);
+    return this.serialized(id, () => this.write(id, files, host, provenance));
+  }
+
+  /** Forgets an id (all versions) and removes its files. */
+  async delete(id: string): Promise<AdapterRecord> {
+    validateAdapterId(id);
+    return this.serialized(id, async () => {
+      const record = this.latest.get(id);
+      if (!record) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' does not exist`);
+      this.latest.delete(id);
+      this.highest.delete(id);
+      await rm(join(this.root, id), { recursive: true, force: true });
+      return record;
+    });
+  }
+
+  /**
+   * The record of one version (the latest when `version` is omitted), read from its
+   * manifest; undefined when the id or that version does not exist.
+   */
+  async readVersion(id: string, version?: number): Promise<AdapterRecord | undefined> {
+    validateAdapterId(id);
+    const latest = this.latest.get(id);
+    if (!latest || version === undefined || version === latest.version) return latest;
+    if (!Number.isInteger(version) || version < 1 || version > latest.version) return undefined;
+    return this.readRecord(id, version);
+  }
+
+  /**
+   * The newest version of an id whose record satisfies `predicate`, scanning manifests newest
+   * first (damaged or incomplete versions are skipped); undefined when none does.
+   */
+  async findVersion(id: string, predicate: (record: AdapterRecord) => boolean): Promise<AdapterRecord | undefined> {
+    validateAdapterId(id);
+    for (const v of await this.versionsOf(id)) {
+      const record = await this.readRecord(id, v).catch(() => undefined);
+      if (record && predicate(record)) return record;
+    }
+    return undefined;
+  }
+
+  /**
+   * The two files of a stored version, checked against the checksums in its manifest
+   * (ADAPTER_WEIGHTS_INVALID when they differ). I/O errors are passed on as they are.
+   */
+  async readFiles(record: AdapterRecord): Promise<AdapterFiles> {
+    const { dir, sha256: want } = record;
+    // each file is read once: the bytes that pass the checksum are the bytes handed out
+    const [config, weights] = await Promise.all([readFile(join(dir, CONFIG)), readFile(join(dir, WEIGHTS))]);
+    if (sha256(config) !== want.config || sha256(weights) !== want.weights) {
+      throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: files do not match the checksums in ${MANIFEST}`);
+    }
+    return { config, weights };
+  }
+
+  /** Reads a stored version back to host memory, checking it against its manifest. */
+  async readHost(record: AdapterRecord): Promise<HostLoraAdapter> {
+    const files = await this.readFiles(record);
+    return readPeftAdapter(record.dir, this.model, this.maxRank, record.id, files);
+  }
+
+  private async write(id: string, files: AdapterFiles, host: HostLoraAdapter, provenance: Record<string, unknown> | undefined): Promise<AdapterRecord> {
     const tmp = join(this.root, `.tmp-${randomBytes(8).toString('hex')}`);
     await mkdir(tmp);
     try {
       await writeDurably(join(tmp, CONFIG), files.config);
       await writeDurably(join(tmp, WEIGHTS), files.weights);
-      const version = (this.latest.get(id)?.version ?? 0) + 1;
+      const version = Math.max(this.highest.get(id) ?? 0, this.latest.get(id)?.version ?? 0) + 1;
       const idDir = join(this.root, id);
       const dir = join(idDir, `v${version}`);
       const record: AdapterRecord = {
@@ -135,6 +230,7 @@ export class AdapterStore {
         targets: [...new Set(host.modules.map((m) => m.spec.proj))],
         sizeBytes: files.config.length + files.weights.length,
         sha256: { config: sha256(files.config), weights: sha256(files.weights) },
+        ...(provenance ? { provenance } : {}),
       };
       // the manifest is written last: a version folder without one is an interrupted write
       const { dir: _dir, ...manifest } = record;
@@ -142,6 +238,7 @@ export class AdapterStore {
       await mkdir(idDir, { recursive: true });
       await rename(tmp, dir);
       await syncDir(idDir);
+      this.highest.set(id, version);
       this.latest.set(id, record);
       return record;
     } catch (err) {
@@ -150,32 +247,55 @@ export class AdapterStore {
     }
   }
 
-  /** Forgets an id (all versions) and removes its files. */
-  async delete(id: string): Promise<AdapterRecord> {
-    validateAdapterId(id);
-    const record = this.latest.get(id);
-    if (!record) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' does not exist`);
-    this.latest.delete(id);
-    await rm(join(this.root, id), { recursive: true, force: true });
-    return record;
+  /** Runs `task` after every earlier write of the same id has settled. */
+  private serialized<T>(id: string, task: () => Promise<T>): Promise<T> {
+    const run = (this.writes.get(id) ?? Promise.resolve()).then(task);
+    const tail = run.catch(() => undefined);
+    this.writes.set(id, tail);
+    void tail.then(() => {
+      if (this.writes.get(id) === tail) this.writes.delete(id);
+    });
+    return run;
   }
 
-  /** Reads a stored version back to host memory, checking it against its manifest. */
-  async readHost(record: AdapterRecord): Promise<HostLoraAdapter> {
-    const { dir, sha256: want } = record;
-    // each file is read once: the bytes that pass the checksum are the bytes parsed
-    const [config, weights] = await Promise.all([readFile(join(dir, CONFIG)), readFile(join(dir, WEIGHTS))]);
-    if (sha256(config) !== want.config || sha256(weights) !== want.weights) {
-      throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: files do not match the checksums in ${MANIFEST}`);
+  /** Version numbers with a folder on disk, newest first. */
+  private async versionsOf(id: string): Promise<number[]> {
+    let names: string[];
+    try {
+      names = await readdir(join(this.root, id));
+    } catch (err) {
+      if (isNotFound(err)) return [];
+      throw err;
     }
-    return readPeftAdapter(dir, this.model, this.maxRank, record.id, { config, weights });
+    return names
+      .map((v) => /^v(\d+)$/.exec(v))
+      .filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => Number(m[1]))
+      .sort((a, b) => b - a);
   }
 
-  /** Reads a version's manifest only: opening a store of thousands of adapters reads no weights. */
-  private async readRecord(id: string, version: number): Promise<AdapterRecord> {
+  /**
+   * Reads a version's manifest only (opening a store of thousands of adapters reads no
+   * weights): undefined when the version has no manifest, ADAPTER_WEIGHTS_INVALID when it
+   * does not describe this version.
+   */
+  private async readRecord(id: string, version: number): Promise<AdapterRecord | undefined> {
     const dir = join(this.root, id, `v${version}`);
-    const m = JSON.parse(await readFile(join(dir, MANIFEST), 'utf8')) as Omit<AdapterRecord, 'dir'>;
-    if (m.id !== id || m.version !== version || typeof m.sha256?.config !== 'string') {
+    let text: string;
+    try {
+      text = await readFile(join(dir, MANIFEST), 'utf8');
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+    let m: Omit<AdapterRecord, 'dir'> | undefined;
+    try {
+      m = JSON.parse(text) as Omit<AdapterRecord, 'dir'>;
+    } catch {
+      m = undefined;
+    }
+    const provenanceOk = m?.provenance === undefined || (typeof m.provenance === 'object' && m.provenance !== null && !Array.isArray(m.provenance));
+    if (!m || m.id !== id || m.version !== version || typeof m.sha256?.config !== 'string' || typeof m.sha256?.weights !== 'string' || !provenanceOk) {
       throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: ${MANIFEST} does not describe this version`);
     }
     return { ...m, dir };

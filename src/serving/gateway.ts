@@ -6,7 +6,7 @@ import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import { AdapterPager, type AdapterResidence } from '../pager/adapter-pager.js';
-import { AdapterStore, type AdapterFiles, type AdapterRecord } from '../pager/adapter-store.js';
+import { AdapterStore, type AdapterFiles, type AdapterRecord, type PutOptions } from '../pager/adapter-store.js';
 import { PagePool } from '../pager/page-pool.js';
 import { pageBytes } from '../pager/page-sizes.js';
 import type { GenerationResult } from './batch-generator.js';
@@ -94,8 +94,20 @@ export class Gateway implements ServingEngine {
     return this.store.get(id);
   }
 
-  putAdapter(id: string, files: AdapterFiles): Promise<AdapterRecord> {
-    return this.store.put(id, files);
+  putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
+    return this.store.put(id, files, options);
+  }
+
+  getAdapterVersion(id: string, version?: number): Promise<AdapterRecord | undefined> {
+    return this.store.readVersion(id, version);
+  }
+
+  readAdapterFiles(record: AdapterRecord): Promise<AdapterFiles> {
+    return this.store.readFiles(record);
+  }
+
+  findAdapterVersion(id: string, predicate: (record: AdapterRecord) => boolean): Promise<AdapterRecord | undefined> {
+    return this.store.findVersion(id, predicate);
   }
 
   async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {

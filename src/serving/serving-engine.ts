@@ -2,7 +2,7 @@ import type { SamplingParams } from './sampler.js';
 import type { GenerationResult, ScoredToken } from './batch-generator.js';
 import type { AdapterResidence } from '../pager/adapter-pager.js';
 import type { StepInfo } from './batcher-options.js';
-import type { AdapterRecord, AdapterFiles } from '../pager/adapter-store.js';
+import type { AdapterRecord, AdapterFiles, PutOptions } from '../pager/adapter-store.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 
@@ -51,8 +51,17 @@ export interface ServingEngine {
   complete(request: CompletionRequest, onToken?: (event: TokenEvent) => void): Promise<GenerationResult>;
   listAdapters(): AdapterRecord[];
   getAdapter(id: string): AdapterRecord | undefined;
-  /** Validates fully, then stores a new version; in-flight requests finish on the old one. */
-  putAdapter(id: string, files: AdapterFiles): Promise<AdapterRecord>;
+  /**
+   * Validates fully, then stores a new version (with `options.provenance` in its manifest);
+   * in-flight requests finish on the old one.
+   */
+  putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord>;
+  /** One stored version's record (the latest when `version` is omitted); undefined when it does not exist. */
+  getAdapterVersion(id: string, version?: number): Promise<AdapterRecord | undefined>;
+  /** A stored version's two files, checked against its manifest (ADAPTER_WEIGHTS_INVALID when they differ). */
+  readAdapterFiles(record: AdapterRecord): Promise<AdapterFiles>;
+  /** The newest version of an id whose record satisfies `predicate` (e.g. a provenance match); undefined when none. */
+  findAdapterVersion(id: string, predicate: (record: AdapterRecord) => boolean): Promise<AdapterRecord | undefined>;
   /** Waits for in-flight requests on the adapter, then removes it. */
   deleteAdapter(id: string): Promise<AdapterRecord>;
   /** Registers an adapter folder on disk (vLLM's load_lora_adapter). */

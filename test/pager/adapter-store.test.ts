@@ -3,7 +3,7 @@ import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promis
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { AdapterError } from '../../src/errors.js';
+import { AdapterError, RequestError } from '../../src/errors.js';
 import { peftConfigJson, writePeftAdapter } from '../../src/model/synthetic/hf-folder-writer.js';
 import { parseModelConfig } from '../../src/model/architecture/model-config.js';
 import { resolvePeftConfig } from '../../src/model/lora/peft-config.js';
@@ -98,5 +98,90 @@ describe('AdapterStore', () => {
     await store.delete('d');
     assert.equal(store.get('d'), undefined);
     await assert.rejects(store.delete('d'), code('ADAPTER_NOT_FOUND'));
+  });
+});
+
+describe('AdapterStore versions and provenance', () => {
+  const provenance = { job: 'job-1', round: 3, method: 'fedavg', clients: ['c1', 'c2'], examples: 640 };
+
+  test('provenance is written into the manifest and comes back on the record, also after reopening', async () => {
+    const dir = join(root, 'p1');
+    const store = await AdapterStore.open(dir, model, 64);
+    const plain = await store.put('fed', await adapterFiles(4, 20));
+    assert.equal(plain.provenance, undefined);
+    assert.ok(!('provenance' in plain), 'an upload without provenance has none');
+    const published = await store.put('fed', await adapterFiles(4, 21), { provenance });
+    assert.deepEqual(published.provenance, provenance);
+    const manifest = JSON.parse(await readFile(join(published.dir, 'manifest.json'), 'utf8')) as { provenance: unknown };
+    assert.deepEqual(manifest.provenance, provenance);
+    const reopened = await AdapterStore.open(dir, model, 64);
+    assert.deepEqual(reopened.get('fed'), published);
+    assert.deepEqual(await reopened.readVersion('fed', 1), plain);
+    await assert.rejects(store.put('fed', await adapterFiles(4, 22), { provenance: [1, 2] as unknown as Record<string, unknown> }), RequestError);
+    assert.equal(store.get('fed')?.version, 2);
+  });
+
+  test('readVersion returns old and latest versions from their manifests, undefined for ones that do not exist', async () => {
+    const store = await AdapterStore.open(join(root, 'p2'), model, 64);
+    const v1 = await store.put('r', await adapterFiles(8, 23));
+    const v2 = await store.put('r', await adapterFiles(4, 24), { provenance: { round: 1 } });
+    assert.deepEqual(await store.readVersion('r'), v2);
+    assert.deepEqual(await store.readVersion('r', 2), v2);
+    const old = await store.readVersion('r', 1);
+    assert.deepEqual(old, v1);
+    assert.equal(old?.rank, 8);
+    for (const v of [0, 3, 1.5, -1]) assert.equal(await store.readVersion('r', v), undefined, String(v));
+    assert.equal(await store.readVersion('nope'), undefined);
+    assert.equal(await store.readVersion('nope', 1), undefined);
+    await assert.rejects(store.readVersion('../r'), code('ADAPTER_ID_INVALID'));
+  });
+
+  test('findVersion scans versions newest first and returns the first match', async () => {
+    const store = await AdapterStore.open(join(root, 'p3'), model, 64);
+    await store.put('f', await adapterFiles(4, 25), { provenance: { job: 'j', round: 1 } });
+    await store.put('f', await adapterFiles(4, 26));
+    const r2 = await store.put('f', await adapterFiles(4, 27), { provenance: { job: 'j', round: 2 } });
+    await store.put('f', await adapterFiles(4, 28), { provenance: { job: 'other', round: 2 } });
+    const seen: number[] = [];
+    const found = await store.findVersion('f', (r) => {
+      seen.push(r.version);
+      return r.provenance?.job === 'j';
+    });
+    assert.deepEqual(found, r2);
+    assert.deepEqual(seen, [4, 3]);
+    assert.equal((await store.findVersion('f', (r) => r.provenance?.round === 1))?.version, 1);
+    assert.equal(await store.findVersion('f', (r) => r.provenance?.round === 9), undefined);
+    assert.equal(await store.findVersion('missing', () => true), undefined);
+  });
+
+  test('readFiles gives back the stored bytes and rejects a tampered file', async () => {
+    const store = await AdapterStore.open(join(root, 'p4'), model, 64);
+    const files = await adapterFiles(4, 29);
+    const rec = await store.put('t', files);
+    const back = await store.readFiles(rec);
+    assert.ok(back.config.equals(files.config));
+    assert.ok(back.weights.equals(files.weights));
+    const config = join(rec.dir, 'adapter_config.json');
+    await writeFile(config, Buffer.concat([files.config, Buffer.from(' ')]));
+    await assert.rejects(store.readFiles(rec), code('ADAPTER_WEIGHTS_INVALID'));
+  });
+
+  test('a version folder left without a manifest is skipped, and the next put goes past it', async () => {
+    const dir = join(root, 'p5');
+    const store = await AdapterStore.open(dir, model, 64);
+    await store.put('g', await adapterFiles(4, 30));
+    await mkdir(join(dir, 'g', 'v2'));
+    const reopened = await AdapterStore.open(dir, model, 64);
+    assert.equal(await reopened.readVersion('g', 2), undefined);
+    const next = await reopened.put('g', await adapterFiles(4, 31));
+    assert.equal(next.version, 3);
+  });
+
+  test('concurrent puts of one id get distinct consecutive versions', async () => {
+    const store = await AdapterStore.open(join(root, 'p6'), model, 64);
+    const files = await adapterFiles(4, 32);
+    const records = await Promise.all([1, 2, 3, 4].map((round) => store.put('c', files, { provenance: { round } })));
+    assert.deepEqual(records.map((r) => r.version).sort(), [1, 2, 3, 4]);
+    assert.equal(store.get('c')?.version, 4);
   });
 });

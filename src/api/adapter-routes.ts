@@ -1,7 +1,7 @@
 import multipart from '@fastify/multipart';
 import type { FastifyPluginAsync } from 'fastify';
 import { AdapterError, RequestError } from '../errors.js';
-import type { AdapterRecord } from '../pager/adapter-store.js';
+import type { AdapterFiles, AdapterRecord } from '../pager/adapter-store.js';
 import type { ServingEngine } from '../serving/serving-engine.js';
 import type { GatewayMetrics } from './metrics.js';
 
@@ -16,6 +16,7 @@ function adapterJson(engine: ServingEngine, r: AdapterRecord) {
     targets: r.targets,
     size_bytes: r.sizeBytes,
     sha256: r.sha256,
+    ...(r.provenance ? { provenance: r.provenance } : {}),
     residence,
     ...(residence === 'errored' ? { error: engine.loadError(r) } : {}),
   };
@@ -23,9 +24,23 @@ function adapterJson(engine: ServingEngine, r: AdapterRecord) {
 
 const idParam = { type: 'object', properties: { id: { type: 'string', maxLength: 256 } }, required: ['id'] } as const;
 
+/** The files of a stored version that can be downloaded, with their content types. */
+const DOWNLOADS: Record<string, { pick: keyof AdapterFiles; contentType: string }> = {
+  'adapter_config.json': { pick: 'config', contentType: 'application/json' },
+  'adapter_model.safetensors': { pick: 'weights', contentType: 'application/octet-stream' },
+};
+
+/** `?version=N` as a positive integer; absent = latest. */
+function parseVersion(raw: string | undefined): number | undefined {
+  if (raw === undefined) return undefined;
+  if (!/^[1-9][0-9]{0,8}$/.test(raw)) throw new RequestError('REQUEST_INVALID', `version must be a positive integer, got ${JSON.stringify(raw)}`);
+  return Number(raw);
+}
+
 /**
  * Adapter management: list / show / upload (multipart adapter_config.json +
- * adapter_model.safetensors) / delete, plus vLLM's load_lora_adapter / unload_lora_adapter.
+ * adapter_model.safetensors) / download a version's files / delete, plus vLLM's
+ * load_lora_adapter / unload_lora_adapter.
  */
 export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics; uploadLimitBytes: number }> = async (app, { engine, uploadLimitBytes }) => {
   // multipart streams bypass Fastify's bodyLimit: each file gets the same bound (413 past it)
@@ -38,6 +53,40 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
     if (!r) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${req.params.id}' does not exist`);
     return adapterJson(engine, r);
   });
+
+  app.get<{ Params: { id: string; file: string }; Querystring: { version?: string } }>(
+    '/v1/adapters/:id/files/:file',
+    {
+      schema: {
+        params: { type: 'object', properties: { id: { type: 'string', maxLength: 256 }, file: { type: 'string', maxLength: 256 } }, required: ['id', 'file'] },
+        querystring: { type: 'object', properties: { version: { type: 'string', maxLength: 32 } } },
+      },
+    },
+    async (req, reply) => {
+      const { id, file } = req.params;
+      const download = Object.hasOwn(DOWNLOADS, file) ? DOWNLOADS[file] : undefined;
+      if (!download) throw new RequestError('REQUEST_INVALID', `unknown file '${file}': download ${Object.keys(DOWNLOADS).join(' or ')}`);
+      const version = parseVersion(req.query.version);
+      const record = await engine.getAdapterVersion(id, version);
+      if (!record) {
+        const exists = version !== undefined && engine.getAdapter(id);
+        throw new AdapterError('ADAPTER_NOT_FOUND', exists ? `adapter '${id}' has no version ${version} (latest is ${exists.version})` : `adapter '${id}' does not exist`);
+      }
+      let files: AdapterFiles;
+      try {
+        files = await engine.readAdapterFiles(record);
+      } catch (err) {
+        // deleted between finding the record and reading its files
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' version ${record.version} no longer exists`, { cause: err });
+        throw err;
+      }
+      return reply
+        .header('content-type', download.contentType)
+        .header('content-disposition', `attachment; filename="${file}"`)
+        .header('x-adapter-version', String(record.version))
+        .send(files[download.pick]);
+    },
+  );
 
   app.put<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req, reply) => {
     if (!req.isMultipart()) {

@@ -2,6 +2,9 @@ import assert from 'node:assert/strict';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { buildApp } from '../../src/api/app.js';
+import { FederationMetrics } from '../../src/api/federation-metrics.js';
+import { GatewayMetrics } from '../../src/api/metrics.js';
 import { peftConfigJson } from '../../src/model/synthetic/hf-folder-writer.js';
 import { startGateway, type GatewayFixture } from '../helpers/gateway-fixture.js';
 
@@ -171,10 +174,26 @@ describe('adapter management over HTTP', () => {
     }
     assert.match(text, /lora_gateway_pool_pages\{kind="capacity"\} \d+/);
     assert.match(text, /lora_gateway_adapter_events\{event="load",tier="device"\}/);
-    // every series the Grafana dashboard queries is exported
+  });
+
+  test('every series the Grafana dashboard queries is exported, the Federation row once federation metrics share the registry', async () => {
+    // wired as `serve` does it: FederationMetrics on the gateway metrics' registry, one /metrics
+    const metrics = new GatewayMetrics(fx.gateway);
+    new FederationMetrics(metrics.registry, { jobsByState: () => ({ queued: 0, running: 1, completed: 0, failed: 0, cancelled: 0 }), liveClients: () => 2 });
+    const app = await buildApp({ engine: fx.gateway, metrics });
+    const text = (await app.inject({ method: 'GET', url: '/metrics' })).body;
+    await app.close();
+    for (const line of text.split('\n').filter((l) => l && !l.startsWith('#'))) {
+      assert.match(line, /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+Inf-]+$/, line);
+    }
     const dashboard = await readFile(new URL('../../grafana/lora-gateway.json', import.meta.url), 'utf8');
     const used = new Set([...dashboard.matchAll(/lora_gateway_[a-z_]+/g)].map((m) => m[0].replace(/_(bucket|sum|count)$/, '')));
     assert.ok(used.size >= 10);
+    assert.ok([...used].filter((n) => n.startsWith('lora_gateway_federation_')).length >= 6, 'the dashboard has a Federation row');
     for (const name of used) assert.ok(text.includes(`# TYPE ${name} `), `dashboard metric ${name} is exported`);
+    // the panels read label values that the metrics really have
+    const selectors = [...dashboard.matchAll(/(lora_gateway_[a-z_]+)\{([a-z_]+)=\\"([a-z_]+)\\"/g)];
+    assert.ok(selectors.length >= 5);
+    for (const [, name, label, value] of selectors) assert.ok(text.includes(`${label}="${value}"`), `${name}{${label}="${value}"} is exported`);
   });
 });

@@ -69,6 +69,12 @@ const serveConfigSchema = z
     maxWaiting: z.number().int().positive().default(256),
     /** Request bodies (uploads included) above this get HTTP 413. @defaultValue 256 MiB */
     bodyLimitBytes: z.number().int().positive().default(256 * 1024 * 1024),
+    /** Redis for federation (BullMQ); absent: federation routes answer 503 federation_disabled. */
+    redisUrl: z.string().url().optional(),
+    /** Prefix of federation's Redis keys and BullMQ queues. @defaultValue 'lora-gateway' */
+    federationPrefix: z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/).default('lora-gateway'),
+    /** Keep every accepted client update for GET …/rounds/{n}/updates/{client}. @defaultValue true */
+    federationKeepUpdates: z.boolean().default(true),
   })
   .strict();
 

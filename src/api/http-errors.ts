@@ -20,6 +20,16 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   CONTEXT_LENGTH_EXCEEDED: 400,
   QUEUE_FULL: 429,
   REQUEST_CANCELLED: 499,
+  FEDERATION_DISABLED: 503,
+  FED_JOB_NOT_FOUND: 404,
+  FED_ROUND_NOT_FOUND: 404,
+  FED_UPDATE_NOT_FOUND: 404,
+  FED_JOB_FINISHED: 409,
+  FED_RANK_TOO_LARGE: 422,
+  FED_TARGET_MODULE_UNKNOWN: 422,
+  FED_METHOD_UNKNOWN: 400,
+  FED_JOB_INVALID: 400,
+  FED_MIN_CLIENTS_TOO_HIGH: 400,
 };
 
 export function errorBody(code: string, message: string, type = 'invalid_request_error'): ErrorBody {
@@ -35,7 +45,7 @@ export function handleError(err: FastifyError | Error, _req: FastifyRequest, rep
   if (err instanceof LoraGatewayError) {
     const status = statusOf(err);
     if (status === 429) void reply.header('retry-after', '1');
-    void reply.status(status).send(errorBody(err.code, err.message, status === 429 ? 'rate_limit_error' : 'invalid_request_error'));
+    void reply.status(status).send(errorBody(err.code, err.message, status === 429 ? 'rate_limit_error' : status >= 500 ? 'server_error' : 'invalid_request_error'));
     return;
   }
   const fe = err as FastifyError;

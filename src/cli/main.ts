@@ -10,6 +10,7 @@ import { resolveBackend } from '../model/backend/backend.js';
 import type { LlamaModel } from '../model/forward/llama-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
 import { writeDemoModel } from './demo-model-command.js';
+import { runFedClient } from './fed-client-command.js';
 import { serve } from './serve-command.js';
 import { batchBaseDir, loadTokenizerIfPresent, readBatchFile, runBatchLines, type BatchLine, type GenerateContext } from './generate-command.js';
 
@@ -25,7 +26,11 @@ Usage:
   lora-gateway serve [--model DIR] [--adapter-dir DIR] [--host H] [--port P] [--served-model-name NAME]
                      [--data DIR] [--device-memory 256MiB] [--host-memory 1GiB] [--max-running-seqs N]
                      [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N] [--body-limit 256MiB]
+                     [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
       without --model: serves the demo model (created once under --data, default ./data)
+      with --redis: also runs federated training jobs (POST /v1/federation/jobs)
+  lora-gateway fed-client --redis URL --client-id ID --data PATH --model DIR [--federation-prefix P]
+      one federation client: trains on its own text (.txt, folder, or .jsonl with "text"), uploads only LoRA updates
 
 Engine options (also LORA_GATEWAY_BACKEND, LORA_GATEWAY_MAX_LORA_RANK, LORA_GATEWAY_LORA_STRATEGY):
   --backend auto|tensorflow|wasm|cpu   tensor backend (auto: tfjs-node-gpu, tfjs-node, then wasm)
@@ -63,6 +68,10 @@ const OPTIONS = {
   'max-adapters-per-batch': { type: 'string' },
   'max-waiting': { type: 'string' },
   'body-limit': { type: 'string' },
+  redis: { type: 'string' },
+  'federation-prefix': { type: 'string' },
+  'federation-keep-updates': { type: 'string' },
+  'client-id': { type: 'string' },
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
   'lora-strategy': { type: 'string' },
@@ -76,6 +85,13 @@ function num(v: string | undefined, name: string): number | undefined {
   const n = Number(v);
   if (!Number.isFinite(n)) throw new LoraGatewayError('REQUEST_INVALID', `--${name} must be a number, got '${v}'`);
   return n;
+}
+
+function onOff(v: string | undefined, name: string): boolean | undefined {
+  if (v === undefined) return undefined;
+  if (/^(on|true|1|yes)$/i.test(v)) return true;
+  if (/^(off|false|0|no)$/i.test(v)) return false;
+  throw new LoraGatewayError('CONFIG_INVALID', `--${name} must be on or off, got '${v}'`);
 }
 
 function logToStderr(line: string): void {
@@ -165,6 +181,22 @@ async function demo(flags: Flags, config: EngineConfig): Promise<void> {
   }
 }
 
+async function fedClient(flags: Flags, config: EngineConfig): Promise<void> {
+  const redisUrl = flags.redis ?? process.env.LORA_GATEWAY_REDIS_URL;
+  const missing = [!redisUrl && '--redis URL', !flags['client-id'] && '--client-id ID', !flags.data && '--data PATH', !flags.model && '--model DIR'].filter(Boolean);
+  if (missing.length > 0) throw new LoraGatewayError('REQUEST_INVALID', `fed-client needs ${missing.join(', ')}`);
+  await resolveBackend(config.backend, logToStderr);
+  await runFedClient({
+    redisUrl: redisUrl!,
+    prefix: flags['federation-prefix'] ?? process.env.LORA_GATEWAY_FEDERATION_PREFIX,
+    clientId: flags['client-id']!,
+    modelDir: flags.model!,
+    dataPath: flags.data!,
+    log: logToStderr,
+    tty: process.stderr.isTTY === true,
+  });
+}
+
 export async function main(argv: string[]): Promise<number> {
   let parsed;
   try {
@@ -184,6 +216,7 @@ export async function main(argv: string[]): Promise<number> {
     if (command === 'generate') await generate(flags, config);
     else if (command === 'demo-model') await demoModel(flags);
     else if (command === 'demo') await demo(flags, config);
+    else if (command === 'fed-client') await fedClient(flags, config);
     else if (command === 'serve') {
       const env = process.env;
       const serveConfig = parseServeConfig({
@@ -199,6 +232,9 @@ export async function main(argv: string[]): Promise<number> {
         maxAdaptersPerBatch: num(flags['max-adapters-per-batch'], 'max-adapters-per-batch'),
         maxWaiting: num(flags['max-waiting'], 'max-waiting'),
         bodyLimitBytes: parseBytes(flags['body-limit'] ?? env.LORA_GATEWAY_BODY_LIMIT, 'body-limit'),
+        redisUrl: flags.redis ?? env.LORA_GATEWAY_REDIS_URL,
+        federationPrefix: flags['federation-prefix'] ?? env.LORA_GATEWAY_FEDERATION_PREFIX,
+        federationKeepUpdates: onOff(flags['federation-keep-updates'], 'federation-keep-updates'),
       });
       const server = await serve({ modelDir: flags.model, engine: config, serve: serveConfig, log: logToStderr });
       await new Promise<void>((done) => {

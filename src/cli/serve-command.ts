@@ -2,11 +2,15 @@ import { existsSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { buildApp } from '../api/app.js';
+import { FederationMetrics } from '../api/federation-metrics.js';
 import { GatewayMetrics } from '../api/metrics.js';
 import type { EngineConfig, ServeConfig } from '../config.js';
 import { resolveBackend } from '../model/backend/backend.js';
 import { describeLoraCostModel, measureLoraCostModel } from '../model/lora/lora-cost-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
+import { baseModelFingerprint } from '../federation/base-fingerprint.js';
+import { JOB_STATES } from '../federation/job-record.js';
+import { RoundCoordinator } from '../federation/round-coordinator.js';
 import { Gateway } from '../serving/gateway.js';
 import { writeDemoModel } from './demo-model-command.js';
 import { loadTokenizerIfPresent } from './generate-command.js';
@@ -62,7 +66,35 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
       await gateway.loadAdapterFromDir(entry.name, join(adapterDir, entry.name));
     }
   }
-  const app = await buildApp({ engine: gateway, metrics: new GatewayMetrics(gateway), bodyLimitBytes: cfg.bodyLimitBytes });
+  const metrics = new GatewayMetrics(gateway);
+  let coordinator: RoundCoordinator | undefined;
+  if (cfg.redisUrl) {
+    const fingerprint = await baseModelFingerprint(modelDir);
+    // the gauges read the coordinator at scrape time; until it has started they read zero
+    const observer = new FederationMetrics(metrics.registry, {
+      jobsByState: async () => {
+        const counts = Object.fromEntries(JOB_STATES.map((s) => [s, 0])) as Record<(typeof JOB_STATES)[number], number>;
+        for (const j of (await coordinator?.list()) ?? []) counts[j.state]++;
+        return counts;
+      },
+      liveClients: async () => ((await coordinator?.clients()) ?? []).length,
+    });
+    coordinator = await RoundCoordinator.start({
+      redisUrl: cfg.redisUrl,
+      prefix: cfg.federationPrefix,
+      model: gateway.model,
+      fingerprint,
+      maxLoraRank: engine.maxLoraRank,
+      publisher: gateway,
+      keepUpdates: cfg.federationKeepUpdates,
+      observer,
+      log,
+    });
+    log(`federation on: Redis ${redactUrl(cfg.redisUrl)}, key prefix '${cfg.federationPrefix}', base model fingerprint ${fingerprint.slice(0, 12)}`);
+  } else {
+    log('federation off (start with --redis URL to run federated training jobs)');
+  }
+  const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator });
   const url = await app.listen({ host: cfg.host, port: cfg.port });
   const adapters = gateway.listAdapters();
   log(`serving ${modelId} with ${adapters.length} adapters at ${url} (device pool ${gateway.pool.capacity} pages)`);
@@ -74,7 +106,19 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     url,
     async close() {
       await app.close();
+      await coordinator?.close();
       await gateway.close();
     },
   };
+}
+
+/** A Redis URL without its password, for logs. */
+function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return 'redis';
+  }
 }

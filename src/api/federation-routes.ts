@@ -1,0 +1,104 @@
+import type { FastifyPluginAsync, FastifyReply } from 'fastify';
+import { FederationError, RequestError } from '../errors.js';
+import type { JobRecord, RoundRecord } from '../federation/job-record.js';
+import type { RoundCoordinator } from '../federation/round-coordinator.js';
+
+/** snake_case view of a round record, as the OpenAI-style API speaks. */
+function roundJson(r: RoundRecord) {
+  return {
+    round: r.round,
+    attempt: r.attempt,
+    kind: r.kind,
+    state: r.state,
+    started_at: r.startedAt,
+    deadline_at: r.deadlineAt,
+    finished_at: r.finishedAt ?? null,
+    clients: r.clients.map((c) => ({
+      client: c.client,
+      status: c.status,
+      ...(c.reason !== undefined ? { reason: c.reason } : {}),
+      ...(c.step !== undefined ? { step: c.step, steps: c.steps, loss: c.loss } : {}),
+      ...(c.numExamples !== undefined ? { num_examples: c.numExamples, train_loss: c.trainLoss, bytes: c.bytes, train_seconds: c.trainSeconds } : {}),
+    })),
+    participants: r.participants ?? [],
+    dropped: r.dropped ?? [],
+    examples: r.examples ?? null,
+    mean_train_loss: r.meanTrainLoss ?? null,
+    bytes_uploaded: r.bytesUploaded ?? null,
+    timings: r.timings ? { training_s: r.timings.trainingSeconds, aggregation_s: r.timings.aggregationSeconds, publishing_s: r.timings.publishingSeconds } : null,
+    published_version: r.publishedVersion ?? null,
+    rank: r.rank ?? null,
+    ...(r.aggregationError !== undefined ? { aggregation_error: r.aggregationError } : {}),
+    ...(r.keptFraction !== undefined ? { kept_fraction: r.keptFraction } : {}),
+  };
+}
+
+export function jobJson(j: JobRecord) {
+  return {
+    id: j.id,
+    object: 'federation.job',
+    state: j.state,
+    target_adapter_id: j.spec.target_adapter_id,
+    method: j.spec.method,
+    rounds: j.spec.rounds,
+    rounds_done: j.roundsDone,
+    versions: j.versions,
+    created_at: j.createdAt,
+    updated_at: j.updatedAt,
+    spec: j.spec,
+    current_round: j.current ? roundJson(j.current) : null,
+    history: j.history.map(roundJson),
+    error: j.error ?? null,
+  };
+}
+
+const idParams = { type: 'object', properties: { id: { type: 'string', maxLength: 128 } }, required: ['id'] } as const;
+const updateParams = {
+  type: 'object',
+  properties: { id: { type: 'string', maxLength: 128 }, n: { type: 'integer', minimum: 0 }, client: { type: 'string', maxLength: 64 } },
+  required: ['id', 'n'],
+} as const;
+
+function sendBytes(reply: FastifyReply, bytes: Buffer, filename: string): FastifyReply {
+  return reply.header('content-type', 'application/octet-stream').header('content-disposition', `attachment; filename="${filename}"`).send(bytes);
+}
+
+/**
+ * Federated training jobs: submit, list, show (live per-client progress), cancel; live clients;
+ * each round's kept updates and the global state it started from, so anyone auditing a version
+ * can recompute its aggregate. Without a coordinator (serve without --redis) every route
+ * answers 503 federation_disabled.
+ */
+export const federationRoutes: FastifyPluginAsync<{ coordinator: RoundCoordinator | undefined }> = async (app, { coordinator }) => {
+  const fed = (): RoundCoordinator => {
+    if (!coordinator) {
+      throw new FederationError('FEDERATION_DISABLED', 'federation is off: start the server with --redis redis://HOST:PORT (or LORA_GATEWAY_REDIS_URL) to run federated training jobs');
+    }
+    return coordinator;
+  };
+
+  app.post('/v1/federation/jobs', async (req, reply) => {
+    if (req.body === undefined || req.body === null || typeof req.body !== 'object') throw new RequestError('REQUEST_INVALID', 'send the job spec as a JSON object');
+    const rec = await fed().submit(req.body);
+    return reply.status(201).send(jobJson(rec));
+  });
+
+  app.get('/v1/federation/jobs', async () => ({ object: 'list', data: (await fed().list()).map(jobJson) }));
+
+  app.get<{ Params: { id: string } }>('/v1/federation/jobs/:id', { schema: { params: idParams } }, async (req) => jobJson(await fed().get(req.params.id)));
+
+  app.post<{ Params: { id: string } }>('/v1/federation/jobs/:id/cancel', { schema: { params: idParams } }, async (req) => jobJson(await fed().cancel(req.params.id)));
+
+  app.get('/v1/federation/clients', async () => ({
+    object: 'list',
+    data: (await fed().clients()).map((c) => ({ id: c.id, last_seen: c.lastSeen, busy: c.busy, compatible: c.compatible, current: c.current ?? null, host: c.host ?? null })),
+  }));
+
+  app.get<{ Params: { id: string; n: number; client: string } }>('/v1/federation/jobs/:id/rounds/:n/updates/:client', { schema: { params: updateParams } }, async (req, reply) =>
+    sendBytes(reply, await fed().update(req.params.id, req.params.n, req.params.client), `${req.params.id}-round-${req.params.n}-${req.params.client}.safetensors`),
+  );
+
+  app.get<{ Params: { id: string; n: number } }>('/v1/federation/jobs/:id/rounds/:n/global', { schema: { params: updateParams } }, async (req, reply) =>
+    sendBytes(reply, await fed().globalState(req.params.id, req.params.n), `${req.params.id}-round-${req.params.n}-global.safetensors`),
+  );
+};

@@ -1,0 +1,194 @@
+import { createHash } from 'node:crypto';
+import { hostname } from 'node:os';
+import { UnrecoverableError, Worker, type Job } from 'bullmq';
+import { Redis } from 'ioredis';
+import { FederationError } from '../errors.js';
+import type { LlamaModel } from '../model/forward/llama-model.js';
+import { loadLlamaModel } from '../model/forward/model-loader.js';
+import { TextTokenizer } from '../model/tokenizer/tokenizer.js';
+import { baseModelFingerprint } from './base-fingerprint.js';
+import { ClientRegistry, type ClientHeartbeat } from './client-registry.js';
+import { FederationKeys } from './federation-keys.js';
+import { CLIENT_ID_RE } from './job-spec.js';
+import { trainLocal } from './local-trainer.js';
+import { moduleSpecsFor, seededLoraA } from './lora-init.js';
+import type { FactorSet } from './lora-factors.js';
+import type { TrainTask, UpdateRef } from './train-task.js';
+import { readClientTexts, tokenWindows } from './training-data.js';
+import { decodeGlobalState, encodeUpdate } from './update-codec.js';
+
+export interface ClientWorkerOptions {
+  redisUrl: string;
+  prefix?: string;
+  clientId: string;
+  modelDir: string;
+  /** The client's own text: a .txt file, a folder of .txt / .jsonl files, or a .jsonl file with a `text` field. */
+  dataPath: string;
+  /** @defaultValue 2000 */
+  heartbeatMs?: number;
+  log?: (line: string) => void;
+  /** Each local training step, for a progress bar. */
+  onStep?: (task: TrainTask, step: number, steps: number, loss: number) => void;
+  /** A task ended (trained and uploaded, or failed). */
+  onTaskEnd?: (task: TrainTask, outcome: { ref?: UpdateRef; error?: string }) => void;
+}
+
+/** Progress is written to the BullMQ job at most this often (each write is a Redis round trip). */
+const PROGRESS_EVERY_MS = 200;
+
+/**
+ * One federation client: its own process, holding its own text. It announces itself by
+ * heartbeat (with its base model's fingerprint), takes `train` tasks from its own queue
+ * `fed-client-<id>`, trains locally, writes the update's safetensors bytes under the task's
+ * update key with a TTL, and returns only a small reference. The text never leaves the process.
+ */
+export class FedClientWorker {
+  readonly id: string;
+  readonly fingerprint: string;
+  private readonly opts: ClientWorkerOptions;
+  private readonly redis: Redis;
+  private readonly registry: ClientRegistry;
+  private readonly model: LlamaModel;
+  private readonly tokenizer: TextTokenizer;
+  private readonly texts: string[];
+  private readonly windowsBySeqLen = new Map<number, Int32Array[]>();
+  private worker: Worker | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private current: TrainTask | undefined;
+
+  private constructor(opts: ClientWorkerOptions, model: LlamaModel, tokenizer: TextTokenizer, texts: string[], fingerprint: string) {
+    this.opts = opts;
+    this.id = opts.clientId;
+    this.model = model;
+    this.tokenizer = tokenizer;
+    this.texts = texts;
+    this.fingerprint = fingerprint;
+    this.redis = new Redis(opts.redisUrl, { maxRetriesPerRequest: null });
+    this.registry = new ClientRegistry(this.redis, new FederationKeys(opts.prefix));
+  }
+
+  static async start(opts: ClientWorkerOptions): Promise<FedClientWorker> {
+    if (!CLIENT_ID_RE.test(opts.clientId)) throw new FederationError('FED_JOB_INVALID', `client id '${opts.clientId}' is invalid: use 1–64 letters, digits, '.', '_' or '-'`);
+    const texts = await readClientTexts(opts.dataPath);
+    const [model, tokenizer, fingerprint] = await Promise.all([loadLlamaModel(opts.modelDir), TextTokenizer.load(opts.modelDir), baseModelFingerprint(opts.modelDir)]);
+    const w = new FedClientWorker(opts, model, tokenizer, texts, fingerprint);
+    await w.redis.ping();
+    await w.beat();
+    const interval = opts.heartbeatMs ?? 2000;
+    w.timer = setInterval(() => void w.beat().catch((err: Error) => w.log(`heartbeat failed: ${err.message}`)), interval);
+    const keys = new FederationKeys(opts.prefix);
+    w.worker = new Worker(FederationKeys.clientQueue(w.id), (job: Job<TrainTask>) => w.run(job), {
+      connection: w.redis,
+      prefix: keys.prefix,
+      concurrency: 1,
+      lockDuration: 60_000,
+    });
+    w.worker.on('error', (err) => w.log(`worker error: ${err.message}`));
+    w.log(`federation client '${w.id}' ready: ${texts.length} document(s) from ${opts.dataPath}, base ${fingerprint.slice(0, 12)}`);
+    return w;
+  }
+
+  private async beat(): Promise<void> {
+    const hb: ClientHeartbeat = {
+      id: this.id,
+      fingerprint: this.fingerprint,
+      lastSeen: Date.now(),
+      busy: this.current !== undefined,
+      ...(this.current ? { current: { job: this.current.job, round: this.current.round } } : {}),
+      host: hostname(),
+      pid: process.pid,
+    };
+    await this.registry.beat(hb, this.opts.heartbeatMs ?? 2000);
+  }
+
+  private windows(seqLen: number): Int32Array[] {
+    let w = this.windowsBySeqLen.get(seqLen);
+    if (!w) {
+      w = tokenWindows(this.tokenizer, this.texts, seqLen);
+      this.windowsBySeqLen.set(seqLen, w);
+    }
+    if (w.length === 0) throw new UnrecoverableError(`data_too_short: the client's text gives no window of ${seqLen + 1} tokens`);
+    return w;
+  }
+
+  private async run(job: Job<TrainTask>): Promise<UpdateRef> {
+    const task = job.data;
+    if (task.client !== this.id) throw new UnrecoverableError(`metadata_mismatch: task for client '${task.client}' reached '${this.id}'`);
+    if (task.fingerprint !== this.fingerprint) {
+      throw new UnrecoverableError(`base_mismatch: this client's base model (${this.fingerprint.slice(0, 12)}) differs from the server's (${task.fingerprint.slice(0, 12)})`);
+    }
+    if (task.kind !== 'train') throw new UnrecoverableError(`unsupported_task: '${task.kind}'`);
+    this.current = task;
+    void this.beat().catch(() => undefined);
+    const started = Date.now();
+    try {
+      const global = await this.global(task);
+      const windows = this.windows(task.local.seqLen);
+      let lastProgress = 0;
+      const result = await trainLocal(this.model, windows, {
+        method: task.method,
+        modules: moduleSpecsFor(this.model.config, { r: task.lora.rank, alpha: task.lora.alpha, targetModules: task.lora.targetModules, useRslora: task.lora.useRslora }),
+        global,
+        alpha: task.lora.alpha,
+        useRslora: task.lora.useRslora,
+        localRank: task.lora.rank,
+        seed: task.seed,
+        steps: task.local.steps,
+        epochs: task.local.epochs,
+        batchSize: task.local.batchSize,
+        lr: task.local.lr,
+        onStep: async (step, steps, loss) => {
+          this.opts.onStep?.(task, step, steps, loss);
+          const now = Date.now();
+          if (step === steps || now - lastProgress >= PROGRESS_EVERY_MS) {
+            lastProgress = now;
+            await job.updateProgress({ step, steps, loss });
+          } else {
+            // let BullMQ renew the job's lock and the heartbeat fire between steps
+            await new Promise((r) => setImmediate(r));
+          }
+        },
+      });
+      const bytes = encodeUpdate({ job: task.job, round: task.round, client: task.client, method: task.method, numExamples: result.numExamples, trainLoss: result.trainLoss }, result.factors);
+      await this.redis.set(task.updateKey, bytes, 'PX', task.updateTtlMs);
+      const ref: UpdateRef = {
+        key: task.updateKey,
+        sha256: createHash('sha256').update(bytes).digest('hex'),
+        bytes: bytes.length,
+        num_examples: result.numExamples,
+        train_loss: result.trainLoss,
+        train_seconds: (Date.now() - started) / 1000,
+      };
+      this.opts.onTaskEnd?.(task, { ref });
+      return ref;
+    } catch (err) {
+      this.opts.onTaskEnd?.(task, { error: (err as Error).message });
+      if (err instanceof FederationError) throw new UnrecoverableError(`${err.code.toLowerCase()}: ${err.message}`);
+      throw err;
+    } finally {
+      this.current = undefined;
+      void this.beat().catch(() => undefined);
+    }
+  }
+
+  /** The round's starting point; FFA-LoRA's frozen A is derived here from the job seed, never sent. */
+  private async global(task: TrainTask): Promise<FactorSet> {
+    const bytes = await this.redis.getBuffer(task.globalKey);
+    if (!bytes) throw new UnrecoverableError(`global_missing: no global state at '${task.globalKey}'`);
+    const { factors } = decodeGlobalState(bytes);
+    if (task.method === 'ffa') for (const m of factors.values()) m.a = seededLoraA(task.jobSeed, m);
+    return factors;
+  }
+
+  async close(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    await this.worker?.close();
+    await this.registry.remove(this.id).catch(() => undefined);
+    await this.redis.quit().catch(() => undefined);
+    this.model.dispose();
+  }
+
+  private log(line: string): void {
+    this.opts.log?.(line);
+  }
+}

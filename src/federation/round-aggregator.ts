@@ -1,0 +1,166 @@
+import type { Redis } from 'ioredis';
+import { UpdateRejectedError } from '../errors.js';
+import type { ModelConfig } from '../model/architecture/model-config.js';
+import { aggregateFedavg } from './aggregators/fedavg.js';
+import { aggregateFedsb } from './aggregators/fedsb.js';
+import { fedsbRandomInit } from './aggregators/fedsb-init.js';
+import { aggregateFfa } from './aggregators/ffa.js';
+import { aggregateFlora } from './aggregators/flora.js';
+import type { ClientUpdate } from './aggregators/client-update.js';
+import { toServedAdapter } from './aggregators/served-adapter.js';
+import type { FederationKeys } from './federation-keys.js';
+import type { JobRecord, RoundRecord } from './job-record.js';
+import { clientRank, jobModules, type JobSpec } from './job-spec.js';
+import type { FactorSet } from './lora-factors.js';
+import { initialLoraFactors, loraScale, seededLoraA } from './lora-init.js';
+import type { AdapterPublisher } from './round-coordinator.js';
+import type { VerifiedBytes } from './update-collector.js';
+import { decodeGlobalState, decodeUpdate, encodeGlobalState } from './update-codec.js';
+
+export interface RoundAggregatorOptions {
+  redis: Redis;
+  keys: FederationKeys;
+  model: ModelConfig;
+  maxLoraRank: number;
+  publisher: AdapterPublisher;
+  keepUpdates: boolean;
+}
+
+/**
+ * The method-specific half of a round: the global state each round starts from, decoding and
+ * checking updates, aggregating, and publishing the result as the target adapter's next
+ * version. Deterministic in its inputs, so a round resumed after a crash computes the same
+ * adapter, and publishing is skipped when a version with this (job, round) already exists.
+ */
+export class RoundAggregator {
+  private readonly o: RoundAggregatorOptions;
+
+  constructor(options: RoundAggregatorOptions) {
+    this.o = options;
+  }
+
+  /** Writes round `round`'s starting global state if it is not there yet (only round 1 has none). */
+  async ensureGlobal(rec: JobRecord, round: number): Promise<void> {
+    const key = this.o.keys.global(rec.id, round);
+    if (await this.o.redis.exists(key)) return;
+    const spec = rec.spec;
+    const modules = jobModules(spec, this.o.model);
+    let factors: FactorSet;
+    if (spec.method === 'flora') factors = new Map(); // FLoRA stacks on nothing in round 1
+    else if (spec.method === 'fedsb') factors = fedsbRandomInit(spec.seed, modules, modules[0].rank);
+    else {
+      factors = initialLoraFactors(modules, spec.seed);
+      // FFA-LoRA's A is derived from the job seed on every client: it never travels
+      if (spec.method === 'ffa') for (const m of factors.values()) delete m.a;
+    }
+    await this.o.redis.set(key, encodeGlobalState({ job: rec.id, round, method: spec.method }, factors));
+  }
+
+  private async global(rec: JobRecord, round: number): Promise<FactorSet> {
+    const bytes = await this.o.redis.getBuffer(this.o.keys.global(rec.id, round));
+    if (!bytes) throw new Error(`global state of job ${rec.id} round ${round} is missing`);
+    const { factors } = decodeGlobalState(bytes);
+    if (rec.spec.method === 'ffa') for (const m of factors.values()) m.a = seededLoraA(rec.spec.seed, m);
+    return factors;
+  }
+
+  /**
+   * Decodes and checks the verified bytes, aggregates when the quorum is met, publishes, and
+   * fills the round record. Returns what happened.
+   */
+  async aggregate(rec: JobRecord, cur: RoundRecord, verified: VerifiedBytes[], trainingSeconds: number): Promise<'published' | 'quorum_missed'> {
+    const spec = rec.spec;
+    const t0 = Date.now();
+    const modules = jobModules(spec, this.o.model);
+    const updates: (ClientUpdate & { trainLoss: number; bytes: number; scale: number })[] = [];
+    for (const v of verified) {
+      const entry = cur.clients.find((c) => c.client === v.client)!;
+      try {
+        const rank = clientRank(spec, v.client);
+        const { meta, factors } = decodeUpdate(v.bytes, {
+          job: rec.id,
+          round: cur.round,
+          client: v.client,
+          method: spec.method,
+          modules: spec.method === 'flora' ? jobModules(spec, this.o.model, rank) : modules,
+          clientRank: rank,
+        });
+        if (meta.numExamples !== v.ref.num_examples) throw new UpdateRejectedError('metadata_mismatch', `num_examples ${meta.numExamples} in the file, ${v.ref.num_examples} in the reference`);
+        updates.push({ client: v.client, numExamples: meta.numExamples, trainLoss: meta.trainLoss, factors, bytes: v.bytes.length, scale: loraScale(spec.lora.alpha, rank, spec.lora.use_rslora) });
+        entry.status = 'uploaded';
+        delete entry.reason;
+      } catch (err) {
+        if (!(err instanceof UpdateRejectedError)) throw err;
+        entry.status = 'rejected';
+        entry.reason = err.message;
+      }
+    }
+    cur.dropped = cur.clients.filter((c) => c.status !== 'uploaded').map((c) => ({ client: c.client, reason: c.reason ?? c.status }));
+    if (updates.length < spec.min_clients) return 'quorum_missed';
+
+    const previous = await this.global(rec, cur.round);
+    const { next, served, stats } = this.combine(spec, previous, updates);
+    const aggregationSeconds = (Date.now() - t0) / 1000;
+    const t1 = Date.now();
+    const examples = updates.reduce((s, u) => s + u.numExamples, 0);
+    cur.participants = updates.map((u) => u.client);
+    cur.examples = examples;
+    cur.meanTrainLoss = updates.reduce((s, u) => s + u.trainLoss * u.numExamples, 0) / examples;
+    cur.bytesUploaded = updates.reduce((s, u) => s + u.bytes, 0);
+    Object.assign(cur, stats);
+
+    // the next round's starting point, then the kept updates, then the version: each step is
+    // idempotent, so a crash anywhere in here is repaired by running it again
+    await this.o.redis.set(this.o.keys.global(rec.id, cur.round + 1), encodeGlobalState({ job: rec.id, round: cur.round + 1, method: spec.method }, stripFfaA(spec, next)));
+    if (this.o.keepUpdates) {
+      for (const v of verified) if (cur.participants.includes(v.client)) await this.o.redis.set(this.o.keys.kept(rec.id, cur.round, v.client), v.bytes);
+    }
+    const provenance = {
+      job: rec.id,
+      round: cur.round,
+      attempt: cur.attempt,
+      method: spec.method,
+      clients: cur.participants,
+      examples,
+      weights: Object.fromEntries(updates.map((u) => [u.client, u.numExamples / examples])),
+      mean_train_loss: cur.meanTrainLoss,
+      ...(stats.aggregationError !== undefined ? { aggregation_error: stats.aggregationError } : {}),
+      ...(stats.keptFraction !== undefined ? { kept_fraction: stats.keptFraction } : {}),
+    };
+    const existing = await this.o.publisher.findAdapterVersion(spec.target_adapter_id, (r) => r.provenance?.job === rec.id && r.provenance?.round === cur.round);
+    const record = existing ?? (await this.o.publisher.putAdapter(spec.target_adapter_id, served, { provenance }));
+    cur.publishedVersion = record.version;
+    cur.state = 'published';
+    cur.timings = { trainingSeconds, aggregationSeconds, publishingSeconds: (Date.now() - t1) / 1000 };
+    return 'published';
+  }
+
+  /** The method's aggregate: the next global state, the PEFT files to serve, and round statistics. */
+  private combine(spec: JobSpec, previous: FactorSet, updates: (ClientUpdate & { scale: number })[]) {
+    const lora = { alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, r: typeof spec.lora.r === 'number' ? spec.lora.r : 0 };
+    if (spec.method === 'fedavg') {
+      const { global, relativeError } = aggregateFedavg(previous, updates);
+      return { next: global, served: toServedAdapter('fedavg', global, lora), stats: { aggregationError: relativeError, rank: lora.r } };
+    }
+    if (spec.method === 'ffa') {
+      const { global } = aggregateFfa(previous, updates);
+      return { next: global, served: toServedAdapter('ffa', global, lora), stats: { rank: lora.r } };
+    }
+    if (spec.method === 'flora') {
+      const { global, keptFraction, rank } = aggregateFlora(previous.size > 0 ? previous : undefined, updates, this.o.maxLoraRank);
+      return { next: global, served: toServedAdapter('flora', global, lora), stats: { keptFraction, rank } };
+    }
+    const { global } = aggregateFedsb(previous, updates);
+    return { next: global, served: toServedAdapter('fedsb', global, lora), stats: { rank: lora.r } };
+  }
+
+  keptUpdate(job: string, round: number, client: string): Promise<Buffer | null> {
+    return this.o.redis.getBuffer(this.o.keys.kept(job, round, client));
+  }
+}
+
+/** FFA-LoRA's global state carries only B: every client derives A from the seed. */
+function stripFfaA(spec: JobSpec, factors: FactorSet): FactorSet {
+  if (spec.method !== 'ffa') return factors;
+  return new Map([...factors].map(([k, m]) => [k, { ...m, a: undefined }]));
+}

@@ -1,0 +1,158 @@
+import * as tf from '@tensorflow/tfjs-core';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { writeDemoModel } from '../../src/cli/demo-model-command.js';
+import { serve } from '../../src/cli/serve-command.js';
+import { parseEngineConfig, parseServeConfig } from '../../src/config.js';
+import { forwardSequences } from '../../src/model/forward/llama-model.js';
+import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
+import { readPeftAdapter, uploadAdapter } from '../../src/model/lora/peft-adapter-reader.js';
+import { REDIS_URL, eventually, startClients, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
+import { useWasm } from '../helpers/tiny-models.js';
+
+const CLIENTS: [string, number, number][] = [
+  ['founders', 1790, 1829],
+  ['industrial', 1870, 1909],
+  ['modern', 1980, 2019],
+];
+
+let root: string;
+let modelDir: string;
+let server: { url: string; close(): Promise<void> };
+let clients: CliProcess[] = [];
+const prefix = uniquePrefix('rounds');
+
+before(async () => {
+  await useWasm();
+  root = await mkdtemp(join(tmpdir(), 'lora-gateway-fed-'));
+  modelDir = join(root, 'model');
+  await writeDemoModel(modelDir, { adapters: 0 });
+  const data = await Promise.all(CLIENTS.map(([id, from, to]) => writeEraText(join(root, 'data'), id, from, to, 3000)));
+  clients = await startClients(
+    modelDir,
+    REDIS_URL,
+    prefix,
+    CLIENTS.map(([id], i) => [id, data[i]]),
+  );
+  server = await serve({
+    modelDir,
+    engine: parseEngineConfig({ backend: 'wasm' }),
+    serve: parseServeConfig({ port: 0, dataDir: join(root, 'serve'), redisUrl: REDIS_URL, federationPrefix: prefix }),
+    log: () => undefined,
+  });
+});
+
+after(async () => {
+  await server?.close();
+  await Promise.all(clients.map((c) => c.stop()));
+  await rm(root, { recursive: true, force: true });
+});
+
+async function api<T>(method: string, path: string, body?: unknown): Promise<{ status: number; json: T }> {
+  const res = await fetch(`${server.url}${path}`, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
+  return { status: res.status, json: (await res.json()) as T };
+}
+
+interface JobJson {
+  id: string;
+  state: string;
+  versions: number[];
+  history: { round: number; state: string; participants: string[]; published_version: number; aggregation_error?: number; rank: number; clients: { client: string; status: string }[] }[];
+  error: unknown;
+}
+
+async function runJob(spec: Record<string, unknown>): Promise<JobJson> {
+  const created = await api<JobJson>('POST', '/v1/federation/jobs', spec);
+  assert.equal(created.status, 201, JSON.stringify(created.json));
+  return eventually(async () => {
+    const { json } = await api<JobJson>('GET', `/v1/federation/jobs/${created.json.id}`);
+    if (json.state === 'failed' || json.state === 'cancelled') throw new Error(`job ${json.state}: ${JSON.stringify(json.error)}`);
+    return json.state === 'completed' ? json : undefined;
+  }, `job ${created.json.id} to complete`);
+}
+
+/** Echo logprobs of a fixed prompt under an adapter version: what the gateway serves. */
+async function servedLogprobs(adapterId: string): Promise<number[]> {
+  const { status, json } = await api<{ choices: { logprobs: { token_logprobs: (number | null)[] } }[] }>('POST', '/v1/completions', {
+    model: adapterId,
+    prompt: 'We the people of the United States',
+    max_tokens: 1,
+    echo: true,
+    logprobs: 1,
+    temperature: 0,
+  });
+  assert.equal(status, 200, JSON.stringify(json));
+  return json.choices[0].logprobs.token_logprobs.slice(1, -1) as number[];
+}
+
+/** The same prompt scored from the version's downloaded files, outside the gateway. */
+async function fileLogprobs(adapterId: string, version: number): Promise<number[]> {
+  const [config, weights] = await Promise.all(
+    ['adapter_config.json', 'adapter_model.safetensors'].map(async (f) => {
+      const res = await fetch(`${server.url}/v1/adapters/${adapterId}/files/${f}?version=${version}`);
+      assert.equal(res.status, 200);
+      return new Uint8Array(await res.arrayBuffer());
+    }),
+  );
+  const model = await loadLlamaModel(modelDir);
+  const tok = await (await import('../../src/model/tokenizer/tokenizer.js')).TextTokenizer.load(modelDir);
+  const host = await readPeftAdapter(`${adapterId}-v${version}`, model.config, 64, adapterId, { config, weights });
+  const adapter = uploadAdapter(host, model.config);
+  try {
+    const ids = tok.encode('We the people of the United States', { addSpecialTokens: true });
+    const logp = tf.tidy(() => tf.logSoftmax(forwardSequences(model, [{ tokens: ids, adapter, logits: 'all' }])));
+    const rows = (await logp.array()) as number[][];
+    logp.dispose();
+    return ids.slice(1).map((t, i) => rows[i][t]);
+  } finally {
+    adapter.dispose();
+    model.dispose();
+  }
+}
+
+const LOCAL = { steps: 3, batch_size: 2, seq_len: 16, lr: 5e-3 };
+const CASES: Record<string, Record<string, unknown>> = {
+  fedavg: { lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] } },
+  ffa: { lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] } },
+  flora: { lora: { r: { founders: 4, industrial: 8, modern: 16 }, alpha: 16, target_modules: ['q_proj', 'v_proj'] } },
+  fedsb: { lora: { r: 4, target_modules: ['q_proj', 'v_proj', 'o_proj'] }, fedsb: { init: 'random' } },
+};
+
+describe('federated rounds with three fed-client processes on different text', () => {
+  for (const [method, extra] of Object.entries(CASES)) {
+    test(`${method}: two rounds each publish a version that /v1/completions serves, equal to its downloaded files and different from the previous version`, async () => {
+      const target = `fed-${method}`;
+      const job = await runJob({ target_adapter_id: target, method, rounds: 2, clients: CLIENTS.map((c) => c[0]), round_timeout_ms: 120_000, local: LOCAL, seed: 7, ...extra });
+      assert.deepEqual(job.versions, [1, 2]);
+      const published = job.history.filter((h) => h.state === 'published');
+      assert.deepEqual(
+        published.map((h) => h.round),
+        [1, 2],
+      );
+      for (const h of published) assert.deepEqual([...h.participants].sort(), CLIENTS.map((c) => c[0]).sort());
+      if (method === 'fedavg') for (const h of published) assert.ok(h.aggregation_error! > 0, `fedavg reports its aggregation error (${h.aggregation_error})`);
+      if (method === 'flora') assert.equal(published[1].rank, 56, 'flora stacks 4 + 8 + 16 per round (28, then 56)');
+
+      const v2 = await servedLogprobs(target);
+      const direct = await fileLogprobs(target, 2);
+      assert.equal(v2.length, direct.length);
+      v2.forEach((x, i) => assert.ok(Math.abs(x - direct[i]) < 1e-4, `token ${i}: served ${x}, from the files ${direct[i]}`));
+      const v1 = await fileLogprobs(target, 1);
+      assert.ok(
+        v1.some((x, i) => Math.abs(x - v2[i]) > 1e-4),
+        'version 2 scores the prompt differently from version 1',
+      );
+      const base = await servedLogprobs('model');
+      assert.ok(
+        base.some((x, i) => Math.abs(x - v2[i]) > 1e-4),
+        'the trained adapter differs from the base model',
+      );
+      const { json: adapter } = await api<{ version: number; provenance: { job: string; round: number; method: string } }>('GET', `/v1/adapters/${target}`);
+      assert.equal(adapter.version, 2);
+      assert.deepEqual([adapter.provenance.job, adapter.provenance.round, adapter.provenance.method], [job.id, 2, method]);
+    });
+  }
+});

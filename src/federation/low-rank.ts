@@ -4,7 +4,6 @@
  *
  * Matrices are row-major: element (i, j) of an m×n matrix is data[i·n + j].
  */
-import { SeededRandom } from '../model/synthetic/seeded-random.js';
 
 export interface Matrix {
   rows: number;
@@ -45,17 +44,23 @@ export function matmul(x: Matrix, y: Matrix): Matrix {
   return { rows: m, cols: n, data: c };
 }
 
-/** Xᵀ·Y without forming Xᵀ: [k,m]ᵀ·[k,n] → [m,n]. */
+/**
+ * Xᵀ·Y: [k,m]ᵀ·[k,n] → [m,n], as dot products of contiguous columns (one transpose of each
+ * operand); when X and Y are the same matrix only the upper triangle is computed.
+ */
 export function matmulTN(x: Matrix, y: Matrix): Matrix {
   if (x.rows !== y.rows) throw new RangeError(`matmulTN: [${x.rows}, ${x.cols}]ᵀ·[${y.rows}, ${y.cols}]`);
-  const { rows: k, cols: m } = x;
+  const k = x.rows;
+  const m = x.cols;
   const n = y.cols;
+  const xt = transpose(x).data;
+  const yt = x === y ? xt : transpose(y).data;
   const c = new Float64Array(m * n);
-  for (let p = 0; p < k; p++) {
-    for (let i = 0; i < m; i++) {
-      const v = x.data[p * m + i];
-      if (v === 0) continue;
-      for (let j = 0; j < n; j++) c[i * n + j] += v * y.data[p * n + j];
+  for (let i = 0; i < m; i++) {
+    for (let j = x === y ? i : 0; j < n; j++) {
+      const v = dot(xt, yt, i * k, j * k, k);
+      c[i * n + j] = v;
+      if (x === y) c[j * n + i] = v;
     }
   }
   return { rows: m, cols: n, data: c };
@@ -106,48 +111,89 @@ export function columns(x: Matrix, from: number, to: number): Matrix {
  *   Q = H_0·H_1·…·H_{p−1}·I[:, :p]
  */
 export function qr(x: Matrix): { q: Matrix; r: Matrix } {
+  const h = householder(x);
+  const eye = zeros(h.p, h.p);
+  for (let i = 0; i < h.p; i++) eye.data[i * h.p + i] = 1;
+  return { q: applyQ(h, eye), r: h.r };
+}
+
+/** Householder reduction of X [m,n]: the reflectors and R [p,n]; Q itself is never formed. */
+interface Householder {
+  m: number;
+  p: number;
+  /** v_j over rows j…m−1, scaled so that H_j = I − v_j·v_jᵀ */
+  vs: Float64Array[];
+  r: Matrix;
+}
+
+function householder(x: Matrix): Householder {
   const { rows: m, cols: n } = x;
   const p = Math.min(m, n);
-  const a = Float64Array.from(x.data); // reduced in place to R
+  const cols = columnArrays(x); // reduced in place to R; columns contiguous for the inner loops
   const vs: Float64Array[] = [];
   for (let j = 0; j < p; j++) {
-    const v = new Float64Array(m - j);
-    let norm2 = 0;
-    for (let i = j; i < m; i++) {
-      v[i - j] = a[i * n + j];
-      norm2 += v[i - j] * v[i - j];
-    }
+    const xj = cols[j];
+    const norm2 = dot(xj, xj, j, j, m - j);
     const norm = Math.sqrt(norm2);
+    const v = xj.slice(j);
     if (norm === 0) {
-      vs.push(v); // zero column: H_j = I
+      vs.push(v.fill(0)); // zero column: H_j = I
       continue;
     }
     v[0] += v[0] >= 0 ? norm : -norm;
-    const vtv = norm2 - a[j * n + j] * a[j * n + j] + v[0] * v[0];
-    for (let c = j; c < n; c++) {
-      let dot = 0;
-      for (let i = j; i < m; i++) dot += v[i - j] * a[i * n + c];
-      const f = (2 * dot) / vtv;
-      for (let i = j; i < m; i++) a[i * n + c] -= f * v[i - j];
-    }
-    for (let i = 0; i < v.length; i++) v[i] /= Math.sqrt(vtv / 2); // now H_j = I − v vᵀ
+    const scaleV = 1 / Math.sqrt((norm2 - xj[j] * xj[j] + v[0] * v[0]) / 2); // √(2 / vᵀv)
+    for (let i = 0; i < v.length; i++) v[i] *= scaleV;
+    for (let c = j; c < n; c++) reflect(v, cols[c], j);
     vs.push(v);
   }
   const r = zeros(p, n);
-  for (let i = 0; i < p; i++) for (let c = i; c < n; c++) r.data[i * n + c] = a[i * n + c];
-  // Q = H_0 … H_{p−1} applied to the first p columns of I, right to left.
-  const q = zeros(m, p);
-  for (let i = 0; i < p; i++) q.data[i * p + i] = 1;
-  for (let j = p - 1; j >= 0; j--) {
-    const v = vs[j];
-    for (let c = 0; c < p; c++) {
-      let dot = 0;
-      for (let i = j; i < m; i++) dot += v[i - j] * q.data[i * p + c];
-      if (dot === 0) continue;
-      for (let i = j; i < m; i++) q.data[i * p + c] -= dot * v[i - j];
-    }
+  for (let c = 0; c < n; c++) for (let i = 0; i <= Math.min(c, p - 1); i++) r.data[i * n + c] = cols[c][i];
+  return { m, p, vs, r };
+}
+
+/** Q·Y for Y [p,k] → [m,k]: H_0·…·H_{p−1}·[Y; 0], right to left (2·m·p·k flops, not m·p² to form Q). */
+function applyQ(h: Householder, y: Matrix): Matrix {
+  const k = y.cols;
+  const cols = Array.from({ length: k }, (_, c) => {
+    const col = new Float64Array(h.m);
+    for (let i = 0; i < h.p; i++) col[i] = y.data[i * k + c];
+    return col;
+  });
+  for (let j = h.p - 1; j >= 0; j--) for (const col of cols) reflect(h.vs[j], col, j);
+  const out = zeros(h.m, k);
+  for (let c = 0; c < k; c++) for (let i = 0; i < h.m; i++) out.data[i * k + c] = cols[c][i];
+  return out;
+}
+
+/** Σ_i x[xOff+i]·y[yOff+i] over len terms, four independent sums (the add latency, not the multiply, bounds a single chain). */
+function dot(x: Float64Array, y: Float64Array, xOff: number, yOff: number, len: number): number {
+  let s0 = 0;
+  let s1 = 0;
+  let s2 = 0;
+  let s3 = 0;
+  let i = 0;
+  for (; i + 3 < len; i += 4) {
+    s0 += x[xOff + i] * y[yOff + i];
+    s1 += x[xOff + i + 1] * y[yOff + i + 1];
+    s2 += x[xOff + i + 2] * y[yOff + i + 2];
+    s3 += x[xOff + i + 3] * y[yOff + i + 3];
   }
-  return { q, r };
+  for (; i < len; i++) s0 += x[xOff + i] * y[yOff + i];
+  return s0 + s1 + (s2 + s3);
+}
+
+/** y[from:] ← (I − v·vᵀ)·y[from:] */
+function reflect(v: Float64Array, y: Float64Array, from: number): void {
+  const d = dot(v, y, 0, from, v.length);
+  if (d === 0) return;
+  for (let i = 0; i < v.length; i++) y[from + i] -= d * v[i];
+}
+
+/** The columns of X, each as its own contiguous array. */
+function columnArrays(x: Matrix): Float64Array[] {
+  const cols = Array.from({ length: x.cols }, () => new Float64Array(x.rows));
+  for (let i = 0; i < x.rows; i++) for (let j = 0; j < x.cols; j++) cols[j][i] = x.data[i * x.cols + j];
+  return cols;
 }
 
 /**
@@ -176,28 +222,26 @@ export function svd(x: Matrix): { u: Matrix; s: Float64Array; v: Matrix } {
     vcols.push(e);
   }
   const eps = 2.220446049250313e-16;
+  const sq = new Float64Array(n); // ‖x_j‖², recomputed each sweep, updated after each rotation
   for (let sweep = 0; sweep < 80; sweep++) {
     let rotated = false;
+    for (let j = 0; j < n; j++) sq[j] = dot(cols[j], cols[j], 0, 0, m);
     for (let i = 0; i < n - 1; i++) {
       for (let j = i + 1; j < n; j++) {
-        const xi = cols[i];
-        const xj = cols[j];
-        let alpha = 0;
-        let beta = 0;
-        let gamma = 0;
-        for (let k = 0; k < m; k++) {
-          alpha += xi[k] * xi[k];
-          beta += xj[k] * xj[k];
-          gamma += xi[k] * xj[k];
-        }
+        const alpha = sq[i];
+        const beta = sq[j];
+        const gamma = dot(cols[i], cols[j], 0, 0, m);
         if (gamma === 0 || Math.abs(gamma) <= eps * Math.sqrt(alpha * beta)) continue;
         rotated = true;
         const zeta = (beta - alpha) / (2 * gamma);
         const t = (zeta >= 0 ? 1 : -1) / (Math.abs(zeta) + Math.sqrt(1 + zeta * zeta));
         const c = 1 / Math.sqrt(1 + t * t);
         const s = c * t;
-        rotate(xi, xj, c, s);
+        rotate(cols[i], cols[j], c, s);
         rotate(vcols[i], vcols[j], c, s);
+        // t solves t²γ + (β − α)t − γ = 0, so ‖x_i′‖² = α − tγ and ‖x_j′‖² = β + tγ
+        sq[i] = alpha - t * gamma;
+        sq[j] = beta + t * gamma;
       }
     }
     if (!rotated) break;
@@ -258,43 +302,6 @@ function completeOrthonormal(vectors: (Float64Array | undefined)[], dim: number)
   }
 }
 
-export interface RandomizedSvdOptions {
-  /** Extra columns of the sketch beyond k. @defaultValue 8 */
-  oversample?: number;
-  /** Subspace (power) iterations, each re-orthogonalised. @defaultValue 10 */
-  powerIterations?: number;
-  /** Seed of the Gaussian sketch. @defaultValue 42 */
-  seed?: number;
-}
-
-/**
- * Top-k SVD of X [m,n]: U [m,k], σ [k], V [n,k]. With q = k + oversample ≥ min(m,n) it is the
- * exact Jacobi SVD; otherwise Halko–Martinsson–Tropp's randomized range finder, as
- * torch.svd_lowrank does it:
- *   Ω [n,q] ~ N(0,1),  Q = qr(X·Ω).q,  repeat: Q = qr(X·qr(Xᵀ·Q).q).q
- *   X ≈ Q·(Qᵀ·X),  Qᵀ·X [q,n] = Ũ·Σ·Vᵀ  (exact SVD of the small matrix),  U = Q·Ũ
- */
-export function truncatedSvd(x: Matrix, k: number, options: RandomizedSvdOptions = {}): { u: Matrix; s: Float64Array; v: Matrix } {
-  const p = Math.min(x.rows, x.cols);
-  const rank = Math.min(k, p);
-  const q = Math.min(p, rank + (options.oversample ?? 8));
-  let full: { u: Matrix; s: Float64Array; v: Matrix };
-  if (q >= p) {
-    full = svd(x);
-  } else {
-    const rng = new SeededRandom(options.seed ?? 42);
-    const omega = zeros(x.cols, q);
-    for (let i = 0; i < omega.data.length; i++) omega.data[i] = rng.normal();
-    let basis = qr(matmul(x, omega)).q;
-    for (let it = 0; it < (options.powerIterations ?? 10); it++) {
-      basis = qr(matmul(x, qr(matmulTN(x, basis)).q)).q;
-    }
-    const small = svd(matmulTN(basis, x)); // Qᵀ·X [q, n]
-    full = { u: matmul(basis, small.u), s: small.s, v: small.v };
-  }
-  return { u: columns(full.u, 0, rank), s: full.s.slice(0, rank), v: columns(full.v, 0, rank) };
-}
-
 export interface TruncatedLowRank {
   /** [out, k] */
   b: Matrix;
@@ -318,9 +325,9 @@ export interface TruncatedLowRank {
  */
 export function truncateLowRank(b: Matrix, a: Matrix, k: number): TruncatedLowRank {
   if (b.cols !== a.rows) throw new RangeError(`truncateLowRank: B [${b.rows}, ${b.cols}] and A [${a.rows}, ${a.cols}]`);
-  const qb = qr(b);
-  const qa = qr(transpose(a));
-  const core = svd(matmul(qb.r, transpose(qa.r)));
+  const hb = householder(b); // B = Q_B·R_B
+  const ha = householder(transpose(a)); // Aᵀ = Q_A·R_A
+  const core = svd(matmul(hb.r, transpose(ha.r)));
   const rank = Math.min(k, core.s.length);
   const total = core.s.reduce((acc, s) => acc + s * s, 0);
   const kept = core.s.subarray(0, rank).reduce((acc, s) => acc + s * s, 0);
@@ -330,8 +337,8 @@ export function truncateLowRank(b: Matrix, a: Matrix, k: number): TruncatedLowRa
   for (let i = 0; i < uk.rows; i++) for (let j = 0; j < rank; j++) uk.data[i * rank + j] *= root[j];
   for (let i = 0; i < vk.rows; i++) for (let j = 0; j < rank; j++) vk.data[i * rank + j] *= root[j];
   return {
-    b: matmul(qb.q, uk),
-    a: transpose(matmul(qa.q, vk)),
+    b: applyQ(hb, uk), // Q_B·U_k·√Σ_k
+    a: transpose(applyQ(ha, vk)), // (Q_A·V_k·√Σ_k)ᵀ
     rank,
     keptFraction: total === 0 ? 1 : kept / total,
     energy: total,
@@ -347,24 +354,48 @@ export interface LowRankTerm {
 }
 
 /**
+ * The Frobenius inner products G_jl = ⟨B_j·A_j, B_l·A_l⟩_F = tr((B_jᵀ·B_l)·(A_l·A_jᵀ)) of
+ * low-rank products, from the factors only: (out + in)·r_j·r_l per pair, symmetric.
+ */
+export function lowRankGram(terms: readonly Pick<LowRankTerm, 'b' | 'a'>[]): Matrix {
+  const n = terms.length;
+  const g = zeros(n, n);
+  if (n === 0) return g;
+  // All pairs at once, with long inner loops: Bₛ = [B_1, …, B_n], Aₛ = [A_1; …; A_n],
+  // GB = Bₛᵀ·Bₛ and GA = Aₛ·Aₛᵀ [Σr, Σr]; G_jl = Σ_{i ∈ block j, q ∈ block l} GB[i,q]·GA[q,i]
+  const bs = hstack(terms.map((t) => t.b));
+  const as = vstack(terms.map((t) => t.a));
+  const gb = matmulTN(bs, bs);
+  const gaT = transpose(as);
+  const ga = matmulTN(gaT, gaT);
+  const size = bs.cols;
+  const offsets = [0];
+  for (const t of terms) offsets.push(offsets[offsets.length - 1] + t.b.cols);
+  for (let j = 0; j < n; j++) {
+    for (let l = j; l < n; l++) {
+      let trace = 0;
+      for (let i = offsets[j]; i < offsets[j + 1]; i++) for (let q = offsets[l]; q < offsets[l + 1]; q++) trace += gb.data[i * size + q] * ga.data[q * size + i];
+      g.data[j * n + l] = trace;
+      g.data[l * n + j] = trace;
+    }
+  }
+  return g;
+}
+
+/** ‖Σ_j c_j·X_j‖_F from the Gram matrix of the X_j: √(cᵀ·G·c), clamped at 0 against rounding. */
+export function normFromGram(gram: Matrix, coefs: readonly number[]): number {
+  let total = 0;
+  for (let j = 0; j < coefs.length; j++) for (let l = 0; l < coefs.length; l++) total += coefs[j] * coefs[l] * gram.data[j * gram.cols + l];
+  return Math.sqrt(Math.max(0, total));
+}
+
+/**
  * ‖Σ_j c_j·B_j·A_j‖_F without the out×in matrix, by the Gram trick:
  *   ‖X‖_F² = tr(XᵀX) = Σ_{j,l} c_j·c_l·tr(A_jᵀ·B_jᵀ·B_l·A_l) = Σ_{j,l} c_j·c_l·tr((B_jᵀ·B_l)·(A_l·A_jᵀ))
  * costing (out + in)·r_j·r_l per pair. Rounding can leave a tiny negative sum when the terms
  * cancel; it is clamped to 0.
  */
-export function frobeniusOfSum(terms: LowRankTerm[]): number {
-  let total = 0;
-  for (let j = 0; j < terms.length; j++) {
-    for (let l = j; l < terms.length; l++) {
-      const tj = terms[j];
-      const tl = terms[l];
-      if (tj.coef === 0 || tl.coef === 0) continue;
-      const bb = matmulTN(tj.b, tl.b); // B_jᵀ·B_l [r_j, r_l]
-      const aa = matmul(tl.a, transpose(tj.a)); // A_l·A_jᵀ [r_l, r_j]
-      let trace = 0;
-      for (let i = 0; i < bb.rows; i++) for (let p = 0; p < bb.cols; p++) trace += bb.data[i * bb.cols + p] * aa.data[p * aa.cols + i];
-      total += (j === l ? 1 : 2) * tj.coef * tl.coef * trace;
-    }
-  }
-  return Math.sqrt(Math.max(0, total));
+export function frobeniusOfSum(terms: readonly LowRankTerm[]): number {
+  const used = terms.filter((t) => t.coef !== 0);
+  return normFromGram(lowRankGram(used), used.map((t) => t.coef));
 }

@@ -9,10 +9,10 @@ import {
   qr,
   svd,
   transpose,
-  truncatedSvd,
   truncateLowRank,
   vstack,
 } from '../../src/federation/low-rank.js';
+import { truncatedSvd } from '../../src/federation/aggregators/fedsb-init.js';
 import {
   add,
   frob,

@@ -1,5 +1,5 @@
 import type { FactorSet } from '../lora-factors.js';
-import { frobeniusOfSum, matrix, type LowRankTerm } from '../low-rank.js';
+import { lowRankGram, matrix, normFromGram } from '../low-rank.js';
 import { checkModuleSets, clientModule, exampleWeights, skeleton, weightedSum, type ClientUpdate } from './client-update.js';
 
 export interface FedavgResult {
@@ -33,11 +33,13 @@ export function aggregateFedavg(global: FactorSet | undefined, updates: readonly
     const b = weightedSum(parts.map((m) => m.b!), p);
     out.set(like.modulePath, { ...skeleton(like), a, b });
 
+    // One Gram matrix of [B_1A_1, …, B_KA_K, B̄Ā] gives both norms:
+    //   ‖Σ p_k B_kA_k‖² = pᵀ·G·p,   ‖Σ p_k B_kA_k − B̄Ā‖² = [p, −1]ᵀ·G·[p, −1]
     const { rank, inFeatures, outFeatures } = like;
-    const ideal: LowRankTerm[] = parts.map((m, k) => ({ coef: p[k], b: matrix(outFeatures, rank, m.b!), a: matrix(rank, inFeatures, m.a!) }));
-    const served: LowRankTerm = { coef: -1, b: matrix(outFeatures, rank, b), a: matrix(rank, inFeatures, a) };
-    idealSq += frobeniusOfSum(ideal) ** 2;
-    errorSq += frobeniusOfSum([...ideal, served]) ** 2;
+    const products = [...parts.map((m) => ({ b: m.b!, a: m.a! })), { b, a }].map((f) => ({ b: matrix(outFeatures, rank, f.b), a: matrix(rank, inFeatures, f.a) }));
+    const gram = lowRankGram(products);
+    idealSq += normFromGram(gram, [...p, 0]) ** 2;
+    errorSq += normFromGram(gram, [...p, -1]) ** 2;
   }
   return { global: out, relativeError: idealSq === 0 ? 0 : Math.sqrt(errorSq / idealSq) };
 }

@@ -2,7 +2,7 @@ import { FederationError, UpdateRejectedError } from '../../errors.js';
 import { SeededRandom } from '../../model/synthetic/seeded-random.js';
 import type { FactorSet, ModuleFactors } from '../lora-factors.js';
 import { moduleSeed } from '../lora-init.js';
-import { qr, toFloat32, transpose, truncatedSvd, zeros, type RandomizedSvdOptions } from '../low-rank.js';
+import { columns, matmul, matmulTN, qr, svd, toFloat32, transpose, zeros, type Matrix } from '../low-rank.js';
 
 /** What an initialiser needs of a module: where it is and its shape (any rank it has is ignored). */
 export type ModuleShape = Pick<ModuleFactors, 'modulePath' | 'layer' | 'proj' | 'inFeatures' | 'outFeatures'>;
@@ -30,6 +30,43 @@ function pickShape(m: ModuleShape): ModuleShape {
  * full fine-tuning step had been taken in the best rank-r subspace. sign() makes the result
  * independent of whether G is a sum or a mean over examples.
  */
+
+export interface RandomizedSvdOptions {
+  /** Extra columns of the sketch beyond k. @defaultValue 8 */
+  oversample?: number;
+  /** Subspace (power) iterations, each re-orthogonalised. @defaultValue 10 */
+  powerIterations?: number;
+  /** Seed of the Gaussian sketch. @defaultValue 42 */
+  seed?: number;
+}
+
+/**
+ * Top-k SVD of X [m,n]: U [m,k], σ [k], V [n,k]. With q = k + oversample ≥ min(m,n) it is the
+ * exact Jacobi SVD; otherwise Halko–Martinsson–Tropp's randomized range finder, as
+ * torch.svd_lowrank does it:
+ *   Ω [n,q] ~ N(0,1),  Q = qr(X·Ω).q,  repeat: Q = qr(X·qr(Xᵀ·Q).q).q
+ *   X ≈ Q·(Qᵀ·X),  Qᵀ·X [q,n] = Ũ·Σ·Vᵀ  (exact SVD of the small matrix),  U = Q·Ũ
+ */
+export function truncatedSvd(x: Matrix, k: number, options: RandomizedSvdOptions = {}): { u: Matrix; s: Float64Array; v: Matrix } {
+  const p = Math.min(x.rows, x.cols);
+  const rank = Math.min(k, p);
+  const q = Math.min(p, rank + (options.oversample ?? 8));
+  let full: { u: Matrix; s: Float64Array; v: Matrix };
+  if (q >= p) {
+    full = svd(x);
+  } else {
+    const rng = new SeededRandom(options.seed ?? 42);
+    const omega = zeros(x.cols, q);
+    for (let i = 0; i < omega.data.length; i++) omega.data[i] = rng.normal();
+    let basis = qr(matmul(x, omega)).q;
+    for (let it = 0; it < (options.powerIterations ?? 10); it++) {
+      basis = qr(matmul(x, qr(matmulTN(x, basis)).q)).q;
+    }
+    const small = svd(matmulTN(basis, x)); // Qᵀ·X [q, n]
+    full = { u: matmul(basis, small.u), s: small.s, v: small.v };
+  }
+  return { u: columns(full.u, 0, rank), s: full.s.slice(0, rank), v: columns(full.v, 0, rank) };
+}
 
 /** LoRA-SB's step size η for the approximated first update: lr / (warmup_ratio · total_steps). */
 export function loraSbStepSize(lr: number, warmupRatio: number, totalSteps: number): number {

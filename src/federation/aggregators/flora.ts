@@ -44,6 +44,7 @@ export function aggregateFlora(previous: FactorSet | undefined, updates: readonl
   let keptEnergy = 0;
   let rank = 0;
   let compressed = false;
+  const uncompressed: { b: Matrix; a: Matrix }[] = [];
   for (const like of modules.values()) {
     const hasPrevious = previous !== undefined && previous.size > 0;
     const bs: Matrix[] = hasPrevious ? [factorMatrix(like, 'b')] : [];
@@ -63,13 +64,17 @@ export function aggregateFlora(previous: FactorSet | undefined, updates: readonl
       keptEnergy += t.energy * t.keptFraction;
       result = { ...skeleton(like, t.rank), a: toFloat32(t.a), b: toFloat32(t.b) };
     } else {
-      const e = frobeniusOfSum([{ coef: 1, b, a }]) ** 2; // kept whole
-      energy += e;
-      keptEnergy += e;
+      uncompressed.push({ b, a }); // kept whole: its energy only matters if another module is compressed
       result = { ...skeleton(like, a.rows), a: toFloat32(a), b: toFloat32(b) };
     }
     rank = Math.max(rank, result.rank);
     out.set(like.modulePath, result);
+  }
+  if (!compressed) return { global: out, keptFraction: 1, rank, compressed };
+  for (const t of uncompressed) {
+    const e = frobeniusOfSum([{ coef: 1, ...t }]) ** 2;
+    energy += e;
+    keptEnergy += e;
   }
   return { global: out, keptFraction: energy === 0 ? 1 : keptEnergy / energy, rank, compressed };
 }

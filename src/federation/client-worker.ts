@@ -10,9 +10,10 @@ import { baseModelFingerprint } from './base-fingerprint.js';
 import { ClientRegistry, type ClientHeartbeat } from './client-registry.js';
 import { FederationKeys } from './federation-keys.js';
 import { CLIENT_ID_RE } from './job-spec.js';
-import { trainLocal } from './local-trainer.js';
+import { encodeGradients } from './gradient-codec.js';
+import { fullWeightGradients, meanLoss, trainLocal } from './local-trainer.js';
 import { moduleSpecsFor, seededLoraA } from './lora-init.js';
-import type { FactorSet } from './lora-factors.js';
+import type { FactorSet, ModuleFactors } from './lora-factors.js';
 import type { TrainTask, UpdateRef } from './train-task.js';
 import { readClientTexts, tokenWindows } from './training-data.js';
 import { decodeGlobalState, encodeUpdate } from './update-codec.js';
@@ -107,7 +108,6 @@ export class FedClientWorker {
       w = tokenWindows(this.tokenizer, this.texts, seqLen);
       this.windowsBySeqLen.set(seqLen, w);
     }
-    if (w.length === 0) throw new UnrecoverableError(`data_too_short: the client's text gives no window of ${seqLen + 1} tokens`);
     return w;
   }
 
@@ -117,46 +117,20 @@ export class FedClientWorker {
     if (task.fingerprint !== this.fingerprint) {
       throw new UnrecoverableError(`base_mismatch: this client's base model (${this.fingerprint.slice(0, 12)}) differs from the server's (${task.fingerprint.slice(0, 12)})`);
     }
-    if (task.kind !== 'train') throw new UnrecoverableError(`unsupported_task: '${task.kind}'`);
     this.current = task;
     void this.beat().catch(() => undefined);
     const started = Date.now();
     try {
-      const global = await this.global(task);
       const windows = this.windows(task.local.seqLen);
-      let lastProgress = 0;
-      const result = await trainLocal(this.model, windows, {
-        method: task.method,
-        modules: moduleSpecsFor(this.model.config, { r: task.lora.rank, alpha: task.lora.alpha, targetModules: task.lora.targetModules, useRslora: task.lora.useRslora }),
-        global,
-        alpha: task.lora.alpha,
-        useRslora: task.lora.useRslora,
-        localRank: task.lora.rank,
-        seed: task.seed,
-        steps: task.local.steps,
-        epochs: task.local.epochs,
-        batchSize: task.local.batchSize,
-        lr: task.local.lr,
-        onStep: async (step, steps, loss) => {
-          this.opts.onStep?.(task, step, steps, loss);
-          const now = Date.now();
-          if (step === steps || now - lastProgress >= PROGRESS_EVERY_MS) {
-            lastProgress = now;
-            await job.updateProgress({ step, steps, loss });
-          } else {
-            // let BullMQ renew the job's lock and the heartbeat fire between steps
-            await new Promise((r) => setImmediate(r));
-          }
-        },
-      });
-      const bytes = encodeUpdate({ job: task.job, round: task.round, client: task.client, method: task.method, numExamples: result.numExamples, trainLoss: result.trainLoss }, result.factors);
+      const modules = moduleSpecsFor(this.model.config, { r: task.lora.rank, alpha: task.lora.alpha, targetModules: task.lora.targetModules, useRslora: task.lora.useRslora });
+      const { bytes, numExamples, trainLoss } = task.kind === 'gradient' ? await this.gradients(task, windows, modules) : await this.train(job, task, windows, modules);
       await this.redis.set(task.updateKey, bytes, 'PX', task.updateTtlMs);
       const ref: UpdateRef = {
         key: task.updateKey,
         sha256: createHash('sha256').update(bytes).digest('hex'),
         bytes: bytes.length,
-        num_examples: result.numExamples,
-        train_loss: result.trainLoss,
+        num_examples: numExamples,
+        train_loss: trainLoss,
         train_seconds: (Date.now() - started) / 1000,
       };
       this.opts.onTaskEnd?.(task, { ref });
@@ -169,6 +143,46 @@ export class FedClientWorker {
       this.current = undefined;
       void this.beat().catch(() => undefined);
     }
+  }
+
+  /** Local LoRA training from the round's global state; the update holds only what the method trains. */
+  private async train(job: Job<TrainTask>, task: TrainTask, windows: Int32Array[], modules: ModuleFactors[]): Promise<{ bytes: Buffer; numExamples: number; trainLoss: number }> {
+    const global = await this.global(task);
+    let lastProgress = 0;
+    const result = await trainLocal(this.model, windows, {
+      method: task.method,
+      modules,
+      global,
+      alpha: task.lora.alpha,
+      useRslora: task.lora.useRslora,
+      localRank: task.lora.rank,
+      seed: task.seed,
+      steps: task.local.steps,
+      epochs: task.local.epochs,
+      batchSize: task.local.batchSize,
+      lr: task.local.lr,
+      onStep: async (step, steps, loss) => {
+        this.opts.onStep?.(task, step, steps, loss);
+        const now = Date.now();
+        if (step === steps || now - lastProgress >= PROGRESS_EVERY_MS) {
+          lastProgress = now;
+          await job.updateProgress({ step, steps, loss });
+        } else {
+          // let BullMQ renew the job's lock and the heartbeat fire between steps
+          await new Promise((r) => setImmediate(r));
+        }
+      },
+    });
+    const meta = { job: task.job, round: task.round, client: task.client, method: task.method, numExamples: result.numExamples, trainLoss: result.trainLoss };
+    return { bytes: encodeUpdate(meta, result.factors), numExamples: result.numExamples, trainLoss: result.trainLoss };
+  }
+
+  /** Fed-SB's initialisation round: the mean gradient of the loss w.r.t. each target module's full weight. */
+  private async gradients(task: TrainTask, windows: Int32Array[], modules: ModuleFactors[]): Promise<{ bytes: Buffer; numExamples: number; trainLoss: number }> {
+    const grads = await fullWeightGradients(this.model, windows, modules, task.local.batchSize);
+    const trainLoss = await meanLoss(this.model, windows, null, task.local.batchSize);
+    const meta = { job: task.job, round: task.round, client: task.client, numExamples: windows.length, trainLoss };
+    return { bytes: encodeGradients(meta, grads, modules), numExamples: windows.length, trainLoss };
   }
 
   /** The round's starting point; FFA-LoRA's frozen A is derived here from the job seed, never sent. */

@@ -3,12 +3,13 @@ import { UpdateRejectedError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { aggregateFedavg } from './aggregators/fedavg.js';
 import { aggregateFedsb } from './aggregators/fedsb.js';
-import { fedsbRandomInit } from './aggregators/fedsb-init.js';
+import { fedsbGradientInit, fedsbRandomInit } from './aggregators/fedsb-init.js';
 import { aggregateFfa } from './aggregators/ffa.js';
 import { aggregateFlora } from './aggregators/flora.js';
 import type { ClientUpdate } from './aggregators/client-update.js';
 import { toServedAdapter } from './aggregators/served-adapter.js';
 import type { FederationKeys } from './federation-keys.js';
+import { decodeGradients } from './gradient-codec.js';
 import type { JobRecord, RoundRecord } from './job-record.js';
 import { clientRank, jobModules, type JobSpec } from './job-spec.js';
 import type { FactorSet } from './lora-factors.js';
@@ -41,6 +42,7 @@ export class RoundAggregator {
 
   /** Writes round `round`'s starting global state if it is not there yet (only round 1 has none). */
   async ensureGlobal(rec: JobRecord, round: number): Promise<void> {
+    if (round === 0) return; // Fed-SB's gradient round starts from the base model alone
     const key = this.o.keys.global(rec.id, round);
     if (await this.o.redis.exists(key)) return;
     const spec = rec.spec;
@@ -69,6 +71,7 @@ export class RoundAggregator {
    * fills the round record. Returns what happened.
    */
   async aggregate(rec: JobRecord, cur: RoundRecord, verified: VerifiedBytes[], trainingSeconds: number): Promise<'published' | 'quorum_missed'> {
+    if (cur.kind === 'init') return this.initialize(rec, cur, verified, trainingSeconds);
     const spec = rec.spec;
     const t0 = Date.now();
     const modules = jobModules(spec, this.o.model);
@@ -132,6 +135,54 @@ export class RoundAggregator {
     cur.publishedVersion = record.version;
     cur.state = 'published';
     cur.timings = { trainingSeconds, aggregationSeconds, publishingSeconds: (Date.now() - t1) / 1000 };
+    return 'published';
+  }
+
+  /**
+   * Fed-SB's gradient initialisation (LoRA-SB): G = Σ p_k G_k over the clients' full-weight
+   * gradients, then B = U_r, R = Σ_r, A = V_rᵀ of the truncated SVD of −η·sign(G), with η the
+   * job's learning rate (LoRA-SB's lr / (warmup_ratio · steps) has no warmup to divide by here).
+   * Writes round 1's global state; publishes nothing (B·R·A of the init is not a trained adapter).
+   */
+  private async initialize(rec: JobRecord, cur: RoundRecord, verified: VerifiedBytes[], trainingSeconds: number): Promise<'published' | 'quorum_missed'> {
+    const t0 = Date.now();
+    const modules = jobModules(rec.spec, this.o.model);
+    const accepted: { client: string; numExamples: number; trainLoss: number; grads: Map<string, Float32Array>; bytes: number }[] = [];
+    for (const v of verified) {
+      const entry = cur.clients.find((c) => c.client === v.client)!;
+      try {
+        const { meta, grads } = await decodeGradients(v.bytes, { job: rec.id, round: cur.round, client: v.client, modules });
+        accepted.push({ client: v.client, numExamples: meta.numExamples, trainLoss: meta.trainLoss, grads, bytes: v.bytes.length });
+        entry.status = 'uploaded';
+      } catch (err) {
+        if (!(err instanceof UpdateRejectedError)) throw err;
+        entry.status = 'rejected';
+        entry.reason = err.message;
+      }
+    }
+    cur.dropped = cur.clients.filter((c) => c.status !== 'uploaded').map((c) => ({ client: c.client, reason: c.reason ?? c.status }));
+    if (accepted.length < rec.spec.min_clients) return 'quorum_missed';
+    const examples = accepted.reduce((s, u) => s + u.numExamples, 0);
+    const mean = new Map<string, Float32Array>();
+    for (const m of modules) {
+      const acc = new Float64Array(m.outFeatures * m.inFeatures);
+      for (const u of accepted) {
+        const g = u.grads.get(m.modulePath)!;
+        const p = u.numExamples / examples;
+        for (let i = 0; i < acc.length; i++) acc[i] += p * g[i];
+      }
+      mean.set(m.modulePath, Float32Array.from(acc));
+    }
+    const factors = fedsbGradientInit(mean, modules, modules[0].rank, { stepSize: rec.spec.local.lr, seed: rec.spec.seed });
+    await this.o.redis.set(this.o.keys.global(rec.id, 1), encodeGlobalState({ job: rec.id, round: 1, method: 'fedsb' }, factors));
+    if (this.o.keepUpdates) for (const v of verified) if (accepted.some((a) => a.client === v.client)) await this.o.redis.set(this.o.keys.kept(rec.id, cur.round, v.client), v.bytes);
+    cur.participants = accepted.map((u) => u.client);
+    cur.examples = examples;
+    cur.meanTrainLoss = accepted.reduce((s, u) => s + u.trainLoss * u.numExamples, 0) / examples;
+    cur.bytesUploaded = accepted.reduce((s, u) => s + u.bytes, 0);
+    cur.rank = modules[0].rank;
+    cur.state = 'initialized';
+    cur.timings = { trainingSeconds, aggregationSeconds: (Date.now() - t0) / 1000, publishingSeconds: 0 };
     return 'published';
   }
 

@@ -114,20 +114,26 @@ async function fileLogprobs(adapterId: string, version: number): Promise<number[
 }
 
 const LOCAL = { steps: 3, batch_size: 2, seq_len: 16, lr: 5e-3 };
-const CASES: Record<string, Record<string, unknown>> = {
-  fedavg: { lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] } },
-  ffa: { lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] } },
-  flora: { lora: { r: { founders: 4, industrial: 8, modern: 16 }, alpha: 16, target_modules: ['q_proj', 'v_proj'] } },
-  fedsb: { lora: { r: 4, target_modules: ['q_proj', 'v_proj', 'o_proj'] }, fedsb: { init: 'random' } },
-};
+const CASES: [string, string, Record<string, unknown>][] = [
+  ['fedavg', 'fedavg', { lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] } }],
+  ['ffa', 'ffa', { lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] } }],
+  ['flora (client ranks 4, 8, 16)', 'flora', { lora: { r: { founders: 4, industrial: 8, modern: 16 }, alpha: 16, target_modules: ['q_proj', 'v_proj'] } }],
+  ['fedsb (random orthonormal init)', 'fedsb', { lora: { r: 4, target_modules: ['q_proj', 'v_proj', 'o_proj'] }, fedsb: { init: 'random' } }],
+  ['fedsb (LoRA-SB gradient init round)', 'fedsb', { lora: { r: 4, target_modules: ['q_proj', 'v_proj'] } }],
+];
 
 describe('federated rounds with three fed-client processes on different text', () => {
-  for (const [method, extra] of Object.entries(CASES)) {
-    test(`${method}: two rounds each publish a version that /v1/completions serves, equal to its downloaded files and different from the previous version`, async () => {
-      const target = `fed-${method}`;
+  for (const [name, method, extra] of CASES) {
+    test(`${name}: two rounds each publish a version that /v1/completions serves, equal to its downloaded files and different from the previous version`, async () => {
+      const target = `fed-${name.replace(/[^a-z0-9]+/g, '-').replace(/-$/, '')}`;
       const job = await runJob({ target_adapter_id: target, method, rounds: 2, clients: CLIENTS.map((c) => c[0]), round_timeout_ms: 120_000, local: LOCAL, seed: 7, ...extra });
       assert.deepEqual(job.versions, [1, 2]);
       const published = job.history.filter((h) => h.state === 'published');
+      if (!('fedsb' in extra) && method === 'fedsb') {
+        const init = job.history.find((h) => h.round === 0)!;
+        assert.equal(init.state, 'initialized', 'round 0 initialises Fed-SB from the clients\' gradients');
+        assert.equal(init.participants.length, 3);
+      }
       assert.deepEqual(
         published.map((h) => h.round),
         [1, 2],

@@ -3,9 +3,9 @@ import { FlowProducer, Queue, Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import { FederationError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
-import { SeededRandom } from '../model/synthetic/seeded-random.js';
 import type { AdapterFiles, AdapterRecord, PutOptions } from '../pager/adapter-store.js';
 import { ClientRegistry, type ClientHeartbeat } from './client-registry.js';
+import { selectClients } from './client-selection.js';
 import type { FederationObserver } from './federation-observer.js';
 import { FederationKeys, roundJobId, trainJobId } from './federation-keys.js';
 import { JobStore, type JobRecord, type RoundRecord } from './job-record.js';
@@ -225,7 +225,7 @@ export class RoundCoordinator {
         state: 'training',
         startedAt: now,
         deadlineAt: now + rec.spec.round_timeout_ms,
-        clients: await this.selectClients(rec, round, attempt),
+        clients: selectClients(rec.spec, await this.registry.live(), this.opts.fingerprint, round, attempt),
       };
       await this.aggregator.ensureGlobal(rec, round);
       rec.current = current;
@@ -235,25 +235,6 @@ export class RoundCoordinator {
       const selected = current.clients.filter((c) => c.status !== 'dropped').map((c) => c.client);
       this.log(`federation job ${id}: round ${round}${attempt > 1 ? ` (attempt ${attempt})` : ''} started with ${selected.join(', ') || 'no clients'}`);
     });
-  }
-
-  private async selectClients(rec: JobRecord, round: number, attempt: number): Promise<RoundRecord['clients']> {
-    const live = new Map((await this.registry.live()).map((c) => [c.id, c]));
-    const mismatch = (id: string) => live.has(id) && live.get(id)!.fingerprint !== this.opts.fingerprint;
-    if (rec.spec.clients) {
-      // a listed client that is not live yet still gets its task: its queue holds it until it starts
-      return rec.spec.clients.map((client) => (mismatch(client) ? { client, status: 'dropped', reason: 'base_mismatch' } : { client, status: 'queued' }));
-    }
-    const candidates = [...live.keys()].filter((c) => !mismatch(c)).sort();
-    // seeded Fisher–Yates over the live clients: the same job, round and attempt pick the same clients
-    const rng = new SeededRandom((rec.spec.seed * 1_000_003 + round * 7919 + attempt) >>> 0);
-    for (let i = candidates.length - 1; i > 0; i--) {
-      const j = rng.int(i + 1);
-      [candidates[i], candidates[j]] = [candidates[j], candidates[i]];
-    }
-    const picked = candidates.slice(0, rec.spec.clients_per_round).sort();
-    const dropped = [...live.keys()].filter(mismatch).map((client) => ({ client, status: 'dropped' as const, reason: 'base_mismatch' }));
-    return [...picked.map((client) => ({ client, status: 'queued' as const })), ...dropped];
   }
 
   /** Idempotent: deterministic job ids make a re-add after a crash find the existing jobs. */

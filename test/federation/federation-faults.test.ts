@@ -7,20 +7,18 @@ import { after, before, describe, test } from 'node:test';
 import { Worker, type Job } from 'bullmq';
 import { Redis } from 'ioredis';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
-import { serve } from '../../src/cli/serve-command.js';
-import { parseEngineConfig, parseServeConfig } from '../../src/config.js';
 import { readModelConfig } from '../../src/model/architecture/model-config.js';
 import { FederationKeys } from '../../src/federation/federation-keys.js';
 import { moduleSpecsFor } from '../../src/federation/lora-init.js';
 import type { FactorSet } from '../../src/federation/lora-factors.js';
 import type { TrainTask, UpdateRef } from '../../src/federation/train-task.js';
 import { encodeUpdate } from '../../src/federation/update-codec.js';
-import { REDIS_URL, eventually, startClients, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
+import { REDIS_URL, eventually, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
 import { useWasm } from '../helpers/tiny-models.js';
 
 let root: string;
 let modelDir: string;
-let server: { url: string; close(): Promise<void> };
+let server: Awaited<ReturnType<typeof startFederatedServer>>;
 let clients: CliProcess[] = [];
 const prefix = uniquePrefix('faults');
 const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
@@ -39,12 +37,7 @@ before(async () => {
     ['beta', b],
     ['gamma', c],
   ]);
-  server = await serve({
-    modelDir,
-    engine: parseEngineConfig({ backend: 'wasm' }),
-    serve: parseServeConfig({ port: 0, dataDir: join(root, 'serve'), redisUrl: REDIS_URL, federationPrefix: prefix }),
-    log: () => undefined,
-  });
+  server = await startFederatedServer(modelDir, join(root, 'serve'), REDIS_URL, prefix);
 });
 
 after(async () => {
@@ -55,10 +48,7 @@ after(async () => {
   await rm(root, { recursive: true, force: true });
 });
 
-async function api<T>(method: string, path: string, body?: unknown): Promise<{ status: number; json: T }> {
-  const res = await fetch(`${server.url}${path}`, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
-  return { status: res.status, json: (await res.json()) as T };
-}
+const api = <T>(method: string, path: string, body?: unknown) => server.api<T>(method, path, body);
 
 interface RoundJson {
   round: number;

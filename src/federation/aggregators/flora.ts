@@ -32,7 +32,7 @@ export interface FloraResult {
  * rank-maxRank approximation (truncateLowRank, from the factors only).
  */
 export function aggregateFlora(previous: FactorSet | undefined, updates: readonly FloraClientUpdate[], maxRank: number): FloraResult {
-  if (!Number.isSafeInteger(maxRank) || maxRank <= 0) throw new FederationError('FED_RANK_TOO_LARGE', `maxRank ${maxRank} is not a positive integer`);
+  if (!Number.isSafeInteger(maxRank) || maxRank <= 0) throw new FederationError('FED_JOB_INVALID', `maxRank ${maxRank} is not a positive integer`);
   const p = exampleWeights(updates);
   for (const u of updates) {
     if (!Number.isFinite(u.scale)) throw new FederationError('FED_JOB_INVALID', `client '${u.client}': LoRA scale ${u.scale} is not finite`);

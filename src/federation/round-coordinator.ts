@@ -9,9 +9,9 @@ import { selectClients } from './client-selection.js';
 import type { FederationObserver } from './federation-observer.js';
 import { FederationKeys, roundJobId, trainJobId } from './federation-keys.js';
 import { JobStore, type JobRecord, type RoundRecord } from './job-record.js';
-import { clientRank, parseJobSpec, type JobSpec } from './job-spec.js';
+import { parseJobSpec, type JobSpec } from './job-spec.js';
 import { RoundAggregator } from './round-aggregator.js';
-import type { TrainTask } from './train-task.js';
+import { roundTasks } from './train-task.js';
 import { collectUpdates, liveClientStatus } from './update-collector.js';
 
 /** The narrow part of the gateway federation publishes through: the same store path as PUT. */
@@ -36,9 +36,6 @@ export interface CoordinatorOptions {
 }
 
 type ControlJob = { kind: 'start'; job: string; round: number; attempt: number } | { kind: 'deadline'; job: string; round: number; attempt: number } | { kind: 'tick'; job: string };
-
-/** Updates wait for the coordinator this long in Redis; a day covers any sane round timeout. */
-const UPDATE_TTL_MS = 24 * 3600 * 1000;
 
 /**
  * Runs federated LoRA jobs on BullMQ. One round attempt is one flow: a parent `aggregate` job
@@ -239,33 +236,12 @@ export class RoundCoordinator {
 
   /** Idempotent: deterministic job ids make a re-add after a crash find the existing jobs. */
   private async addRoundJobs(rec: JobRecord, round: RoundRecord): Promise<void> {
-    const spec = rec.spec;
-    const children = round.clients
-      .filter((c) => c.status !== 'dropped')
-      .map((c) => {
-        const task: TrainTask = {
-          job: rec.id,
-          round: round.round,
-          attempt: round.attempt,
-          client: c.client,
-          kind: round.kind === 'init' ? 'gradient' : 'train',
-          method: spec.method,
-          fingerprint: this.opts.fingerprint,
-          globalKey: this.keys.global(rec.id, round.round),
-          updateKey: this.keys.update(rec.id, round.round, round.attempt, c.client),
-          updateTtlMs: UPDATE_TTL_MS,
-          jobSeed: spec.seed,
-          seed: (spec.seed * 31 + round.round * 1009 + round.attempt * 17 + hashString(c.client)) >>> 0,
-          lora: { rank: clientRank(spec, c.client), alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, targetModules: spec.lora.target_modules },
-          local: { steps: spec.local.steps, epochs: spec.local.epochs, batchSize: spec.local.batch_size, lr: spec.local.lr, seqLen: spec.local.seq_len },
-        };
-        return {
-          name: 'train',
-          queueName: FederationKeys.clientQueue(c.client),
-          data: task,
-          opts: { jobId: trainJobId(rec.id, round.round, round.attempt, c.client), ignoreDependencyOnFailure: true, attempts: 1, removeOnComplete: false, removeOnFail: false },
-        };
-      });
+    const children = roundTasks(rec, round, this.keys, this.opts.fingerprint).map((task) => ({
+      name: 'train',
+      queueName: FederationKeys.clientQueue(task.client),
+      data: task,
+      opts: { jobId: trainJobId(rec.id, round.round, round.attempt, task.client), ignoreDependencyOnFailure: true, attempts: 1, removeOnComplete: false, removeOnFail: false },
+    }));
     const parent = { job: rec.id, round: round.round, attempt: round.attempt };
     await this.flows.add({ name: 'aggregate', queueName: FederationKeys.aggregateQueue, data: parent, opts: { jobId: roundJobId(rec.id, round.round, round.attempt) }, children });
     const delay = Math.max(0, round.deadlineAt - Date.now());
@@ -290,7 +266,16 @@ export class RoundCoordinator {
       } else if (cur.state !== 'aggregating') return;
       const trainingSeconds = ((cur.finishedAt ?? Date.now()) - cur.startedAt) / 1000;
       const verified = await collectUpdates(this.redis, this.keys, (c) => this.clientQueue(c), rec, cur);
-      const outcome = await this.aggregator.aggregate(rec, cur, verified, trainingSeconds);
+      let outcome: 'published' | 'quorum_missed';
+      try {
+        outcome = await this.aggregator.aggregate(rec, cur, verified, trainingSeconds);
+      } catch (err) {
+        // not a client's fault (those are rejections): the job cannot go on, say why and stop
+        const e = err as Error & { code?: string };
+        await this.failJob(rec, e.code?.toLowerCase() ?? 'aggregation_failed', `round ${round}: ${e.message}`);
+        await this.jobs.save(rec);
+        return;
+      }
       for (const entry of cur.clients) {
         if (entry.status === 'uploaded') this.opts.observer?.updateAccepted(entry.bytes ?? 0);
         else if (entry.status === 'rejected') this.opts.observer?.updateRejected(entry.reason?.split(':')[0] ?? 'other');
@@ -305,12 +290,7 @@ export class RoundCoordinator {
           this.log(`federation job ${id}: round ${round} got ${accepted} of ${rec.spec.min_clients} needed updates; retrying`);
           this.opts.observer?.roundFinished('retried', seconds);
         } else {
-          this.closeRound(rec, 'failed');
-          rec.state = 'failed';
-          rec.error = { code: 'quorum_not_met', message: `round ${round}: ${accepted} valid updates after ${attempt} attempts, min_clients is ${rec.spec.min_clients}` };
-          await this.stopSchedule(rec);
-          this.log(`federation job ${id}: failed, ${rec.error.message}`);
-          this.opts.observer?.roundFinished('failed', seconds);
+          await this.failJob(rec, 'quorum_not_met', `round ${round}: ${accepted} valid updates after ${attempt} attempts, min_clients is ${rec.spec.min_clients}`);
         }
       } else {
         if (cur.kind === 'train') {
@@ -337,6 +317,17 @@ export class RoundCoordinator {
       await this.jobs.save(rec);
     });
     if (next) await this.queueRound(id, next.round, next.attempt);
+  }
+
+  /** Ends the job with an error and the round in progress as failed (the caller saves). */
+  private async failJob(rec: JobRecord, code: string, message: string): Promise<void> {
+    const started = rec.current?.startedAt;
+    this.closeRound(rec, 'failed');
+    rec.state = 'failed';
+    rec.error = { code, message };
+    await this.stopSchedule(rec);
+    this.log(`federation job ${rec.id}: failed, ${message}`);
+    if (started !== undefined) this.opts.observer?.roundFinished('failed', (Date.now() - started) / 1000);
   }
 
   private closeRound(rec: JobRecord, state: RoundRecord['state']): void {
@@ -389,10 +380,4 @@ export class RoundCoordinator {
   private log(line: string): void {
     this.opts.log?.(line);
   }
-}
-
-function hashString(s: string): number {
-  let h = 2166136261;
-  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 16777619) >>> 0;
-  return h;
 }

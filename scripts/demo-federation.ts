@@ -7,7 +7,7 @@
  * cross-entropy, `meanLoss`), then asks the final version for one completion.
  *
  *   npm run demo:federation [-- --method fedavg|ffa|flora|fedsb] [--rounds N] [--steps N] [--lr X]
- *                            [--backend auto|tensorflow|wasm|cpu] [--verbose]
+ *                            [--fedsb-init random|gradient] [--backend auto|tensorflow|wasm|cpu] [--verbose]
  *
  * Needs Redis (LORA_GATEWAY_REDIS_URL, default redis://127.0.0.1:6379). stdout is the results
  * table; stderr is progress. Every key it makes lives under a fresh prefix `demo-<random>` and
@@ -52,13 +52,17 @@ const { values: flags } = parseArgs({
     rounds: { type: 'string', default: '5' },
     steps: { type: 'string', default: '30' },
     lr: { type: 'string', default: '0.02' },
+    // gradient init's round 0 goes over every training window of each client: ~15 min here on wasm
+    'fedsb-init': { type: 'string', default: 'random' },
     backend: { type: 'string', default: process.env.LORA_GATEWAY_BACKEND ?? 'auto' },
     verbose: { type: 'boolean', default: false },
     help: { type: 'boolean', short: 'h', default: false },
   },
 });
 
-const USAGE = `npm run demo:federation [-- --method fedavg|ffa|flora|fedsb] [--rounds N] [--steps N] [--lr X] [--backend B] [--verbose]
+const USAGE = `npm run demo:federation [-- --method fedavg|ffa|flora|fedsb] [--rounds N] [--steps N] [--lr X]
+                         [--fedsb-init random|gradient] [--backend auto|tensorflow|wasm|cpu] [--verbose]
+  --fedsb-init gradient adds Fed-SB's round 0 (full-weight gradients over ALL of each client's windows: slow)
   Redis: LORA_GATEWAY_REDIS_URL (default redis://127.0.0.1:6379)\n`;
 
 function positiveInt(v: string, name: string): number {
@@ -189,6 +193,7 @@ async function deletePrefix(url: string, prefix: string): Promise<number> {
 
 interface RoundJson {
   round: number;
+  attempt: number;
   kind: string;
   state: string;
   participants: string[];
@@ -264,7 +269,7 @@ function note(r: RoundJson): string {
 
 // ---- the demo -------------------------------------------------------------------------------
 
-function jobSpec(method: FedMethod, rounds: number, steps: number, lr: number, clients: DemoClient[]): Record<string, unknown> {
+function jobSpec(method: FedMethod, rounds: number, steps: number, lr: number, fedsbInit: string, clients: DemoClient[]): Record<string, unknown> {
   const ids = clients.map((c) => c.id);
   // FLoRA lets every client pick its rank; the stacked adapter grows by their sum each round
   const r = method === 'flora' ? Object.fromEntries(ids.map((id, i) => [id, [4, 8, 8, 16][i % 4]])) : 8;
@@ -277,8 +282,9 @@ function jobSpec(method: FedMethod, rounds: number, steps: number, lr: number, c
     seed: 1,
     lora: { r, alpha: 16, target_modules: TARGET_MODULES },
     local: { steps, batch_size: BATCH_SIZE, lr, seq_len: SEQ_LEN },
-    // the gradient initialisation (round 0) is not run by fed-client yet: start from random orthonormal B, A
-    ...(method === 'fedsb' ? { fedsb: { init: 'random' } } : {}),
+    // random: orthonormal B, A from the seed, R = 0. gradient: a round 0 in which the clients upload
+    // full-weight gradients and the coordinator sets B, R, A from them (LoRA-SB)
+    ...(method === 'fedsb' ? { fedsb: { init: fedsbInit } } : {}),
   };
 }
 
@@ -293,6 +299,8 @@ async function main(): Promise<void> {
   const steps = positiveInt(flags.steps, 'steps');
   const lr = Number(flags.lr);
   if (!(lr > 0)) throw new DemoError(`--lr must be a positive number, got '${flags.lr}'`);
+  const fedsbInit = flags['fedsb-init'];
+  if (fedsbInit !== 'gradient' && fedsbInit !== 'random') throw new DemoError(`--fedsb-init must be gradient or random, got '${fedsbInit}'`);
   const backendChoice = flags.backend as BackendChoice;
   const started = Date.now();
 
@@ -320,7 +328,7 @@ async function main(): Promise<void> {
   const live = await api<{ data: { id: string; compatible: boolean }[] }>(base, 'GET', '/v1/federation/clients');
   progress(`demo: gateway at ${base}; live clients: ${live.data.map((c) => `${c.id}${c.compatible ? '' : ' (incompatible)'}`).join(', ')}`);
 
-  const spec = jobSpec(method, rounds, steps, lr, clients);
+  const spec = jobSpec(method, rounds, steps, lr, fedsbInit, clients);
   const adapterId = spec.target_adapter_id as string;
   const { header, row } = table(clients);
   out(`# federation demo: ${method}, ${rounds} rounds, ${clients.length} clients (State of the Union by era), backend ${backend.name}`);
@@ -342,8 +350,12 @@ async function main(): Promise<void> {
     if (dead) throw new DemoError(`${dead.name} exited (${dead.proc.exitCode ?? dead.proc.signalCode}) during the job:\n${dead.tail()}`);
     const j = await api<JobJson>(base, 'GET', `/v1/federation/jobs/${job.id}`);
     for (const h of j.history) {
-      const key = `${h.round}.${h.state}`;
-      if (h.state !== 'published' && !reported.has(key)) {
+      const key = `${h.round}.${h.attempt}.${h.state}`;
+      if (h.state === 'initialized' && !reported.has(key)) {
+        // Fed-SB's round 0: gradients in, B, R, A out; nothing is published, so there is no version to score
+        reported.add(key);
+        row(['0 (init)', '-', String(h.participants.length), String(h.examples), h.mean_train_loss!.toFixed(4), '-', ...clients.map(() => '-'), (h.bytes_uploaded! / 1024).toFixed(1), 'Fed-SB init: full-weight gradients up, B, R, A set (train loss = base loss)']);
+      } else if (h.state !== 'published' && !reported.has(key)) {
         reported.add(key);
         progress(`demo: round ${h.round} ${h.state}: ${h.dropped.map((d) => `${d.client}: ${d.reason}`).join('; ') || 'no reason given'}`);
       }

@@ -17,7 +17,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { join, relative, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -74,6 +74,8 @@ function positiveInt(v: string, name: string): number {
 const progress = (line: string): void => void process.stderr.write(`${line}\n`);
 const out = (line = ''): void => void process.stdout.write(`${line}\n`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** A path as the user would type it from where they ran the demo. */
+const shown = (path: string): string => relative(process.cwd(), path) || '.';
 
 const REDIS_URL = process.env.LORA_GATEWAY_REDIS_URL ?? 'redis://127.0.0.1:6379';
 /** Every key and queue of this run lives under it; deleted at the end. */
@@ -306,19 +308,19 @@ async function main(): Promise<void> {
 
   await checkRedis(REDIS_URL);
   if (!existsSync(join(MODEL_DIR, 'config.json'))) {
-    progress(`demo: creating the demo model (random weights) in ${MODEL_DIR}`);
+    progress(`demo: creating the demo model (random weights) in ${shown(MODEL_DIR)}`);
     await writeDemoModel(MODEL_DIR, { adapters: 0 });
   }
   const backend = await resolveBackend(backendChoice);
   const [model, tokenizer] = await Promise.all([loadLlamaModel(MODEL_DIR), TextTokenizer.load(MODEL_DIR)]);
   const clients = await prepareClients(join(DEMO_DIR, 'clients'), tokenizer, { seqLen: SEQ_LEN, maxHeldOutWindows: HELD_OUT_WINDOWS });
   for (const c of clients) {
-    progress(`demo: ${c.id} (${c.from}–${c.to}): trains on ${c.trainAddresses} addresses (${c.trainFile}); holds out ${c.heldOutAddresses} (${c.heldOutYears.join(', ')}), ${c.heldOutWindowsTotal} windows, scores ${c.heldOut.length}`);
+    progress(`demo: ${c.id} (${c.from}–${c.to}): trains on ${c.trainAddresses} addresses (${shown(c.trainFile)}); holds out ${c.heldOutAddresses} (${c.heldOutYears.join(', ')}), ${c.heldOutWindowsTotal} windows, scores ${c.heldOut.length}`);
   }
 
   const storeDir = join(DEMO_DIR, 'gateway');
   await rm(storeDir, { recursive: true, force: true }); // a fresh adapter store each run: versions start at 1
-  progress(`demo: starting the gateway and ${clients.length} fed-client processes (Redis ${redact(REDIS_URL)}, prefix ${PREFIX}, backend ${backendChoice})`);
+  progress(`demo: starting the gateway and ${clients.length} fed-client processes (Redis ${redact(REDIS_URL)}, prefix ${PREFIX}, --backend ${backendChoice})`);
   const common = ['--redis', REDIS_URL, '--federation-prefix', PREFIX, '--model', MODEL_DIR, '--backend', backendChoice];
   const gateway = new Child('gateway', ['serve', '--host', '127.0.0.1', '--port', '0', '--data', storeDir, ...common], relay);
   children.push(gateway);

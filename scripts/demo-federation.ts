@@ -53,7 +53,7 @@ const { values: flags } = parseArgs({
     steps: { type: 'string', default: '30' },
     lr: { type: 'string', default: '0.02' },
     // gradient init's round 0 goes over every training window of each client: ~15 min here on wasm
-    'fedsb-init': { type: 'string', default: 'random' },
+    'fedsb-init': { type: 'string', default: 'gradient' },
     backend: { type: 'string', default: process.env.LORA_GATEWAY_BACKEND ?? 'auto' },
     verbose: { type: 'boolean', default: false },
     help: { type: 'boolean', short: 'h', default: false },
@@ -62,7 +62,7 @@ const { values: flags } = parseArgs({
 
 const USAGE = `npm run demo:federation [-- --method fedavg|ffa|flora|fedsb] [--rounds N] [--steps N] [--lr X]
                          [--fedsb-init random|gradient] [--backend auto|tensorflow|wasm|cpu] [--verbose]
-  --fedsb-init gradient adds Fed-SB's round 0 (full-weight gradients over ALL of each client's windows: slow)
+  --fedsb-init gradient (default) adds Fed-SB's round 0: full-weight gradients over steps·batch_size windows per client
   Redis: LORA_GATEWAY_REDIS_URL (default redis://127.0.0.1:6379)\n`;
 
 function positiveInt(v: string, name: string): number {

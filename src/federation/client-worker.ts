@@ -15,7 +15,7 @@ import { fullWeightGradients, meanLoss, trainLocal } from './local-trainer.js';
 import { moduleSpecsFor, seededLoraA } from './lora-init.js';
 import type { FactorSet, ModuleFactors } from './lora-factors.js';
 import type { TrainTask, UpdateRef } from './train-task.js';
-import { readClientTexts, tokenWindows } from './training-data.js';
+import { readClientTexts, seededPermutation, tokenWindows } from './training-data.js';
 import { decodeGlobalState, encodeUpdate } from './update-codec.js';
 
 export interface ClientWorkerOptions {
@@ -179,10 +179,14 @@ export class FedClientWorker {
 
   /** Fed-SB's initialisation round: the mean gradient of the loss w.r.t. each target module's full weight. */
   private async gradients(task: TrainTask, windows: Int32Array[], modules: ModuleFactors[]): Promise<{ bytes: Buffer; numExamples: number; trainLoss: number }> {
-    const grads = await fullWeightGradients(this.model, windows, modules, task.local.batchSize);
-    const trainLoss = await meanLoss(this.model, windows, null, task.local.batchSize);
-    const meta = { job: task.job, round: task.round, client: task.client, numExamples: windows.length, trainLoss };
-    return { bytes: encodeGradients(meta, grads, modules), numExamples: windows.length, trainLoss };
+    // as much data as one round of local training sees (LoRA-SB estimates from a fixed sample
+    // too): with `steps`, steps·batch_size windows drawn with the seed; with epochs, all of them
+    const cap = task.local.steps !== undefined ? task.local.steps * task.local.batchSize : windows.length;
+    const sample = cap >= windows.length ? windows : seededPermutation(windows.length, task.seed).slice(0, cap).map((i) => windows[i]);
+    const grads = await fullWeightGradients(this.model, sample, modules, task.local.batchSize);
+    const trainLoss = await meanLoss(this.model, sample, null, task.local.batchSize);
+    const meta = { job: task.job, round: task.round, client: task.client, numExamples: sample.length, trainLoss };
+    return { bytes: encodeGradients(meta, grads, modules), numExamples: sample.length, trainLoss };
   }
 
   /** The round's starting point; FFA-LoRA's frozen A is derived here from the job seed, never sent. */

@@ -125,6 +125,7 @@ export class RoundCoordinator {
       if (rec.state !== 'queued' && rec.state !== 'running') throw new FederationError('FED_JOB_FINISHED', `federation job '${id}' is already ${rec.state}`);
       if (rec.current) {
         await collectUpdates(this.redis, this.keys, (c) => this.clientQueue(c), rec, rec.current).catch(() => []);
+        this.opts.observer?.roundFinished('cancelled', (Date.now() - rec.current.startedAt) / 1000);
         this.closeRound(rec, 'cancelled');
       }
       rec.state = 'cancelled';

@@ -13,7 +13,7 @@ import { moduleSpecsFor } from '../../src/federation/lora-init.js';
 import type { FactorSet } from '../../src/federation/lora-factors.js';
 import type { TrainTask, UpdateRef } from '../../src/federation/train-task.js';
 import { encodeUpdate } from '../../src/federation/update-codec.js';
-import { REDIS_URL, eventually, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
+import { REDIS_URL, dropPrefix, eventually, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
 import { useWasm } from '../helpers/tiny-models.js';
 
 let root: string;
@@ -23,6 +23,7 @@ let clients: CliProcess[] = [];
 const prefix = uniquePrefix('faults');
 const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: null });
 const forgers: Worker[] = [];
+const forgerConnections: Redis[] = [];
 
 before(async () => {
   await useWasm();
@@ -43,6 +44,9 @@ before(async () => {
 after(async () => {
   await server?.close();
   await Promise.all(forgers.map((w) => w.close()));
+  // BullMQ leaves a connection it was given open: quit them, or this process never exits
+  await Promise.all(forgerConnections.map((c) => c.quit()));
+  await dropPrefix(redis, prefix);
   await Promise.all(clients.map((c) => c.stop('SIGKILL')));
   await redis.quit();
   await rm(root, { recursive: true, force: true });
@@ -119,7 +123,7 @@ async function forge(client: string, spoil: (task: TrainTask, factors: FactorSet
       await redis.set(t.updateKey, bytes, 'PX', t.updateTtlMs);
       return { key: t.updateKey, sha256: createHash('sha256').update(bytes).digest('hex'), bytes: bytes.length, num_examples: 5, train_loss: 1, train_seconds: 0 };
     },
-    { connection: redis.duplicate({ maxRetriesPerRequest: null }), prefix },
+    { connection: forgerConnections[forgerConnections.push(redis.duplicate({ maxRetriesPerRequest: null })) - 1], prefix },
   );
   forgers.push(w);
 }

@@ -4,13 +4,14 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { Redis } from 'ioredis';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
 import { forwardSequences } from '../../src/model/forward/llama-model.js';
 import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
 import { seededLoraA } from '../../src/federation/lora-init.js';
 import { SafetensorsReader } from '../../src/model/formats/safetensors.js';
 import { readPeftAdapter, uploadAdapter } from '../../src/model/lora/peft-adapter-reader.js';
-import { REDIS_URL, eventually, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
+import { REDIS_URL, dropPrefix, eventually, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
 import { useWasm } from '../helpers/tiny-models.js';
 
 const CLIENTS: [string, number, number][] = [
@@ -43,6 +44,9 @@ before(async () => {
 after(async () => {
   await server?.close();
   await Promise.all(clients.map((c) => c.stop()));
+  const redis = new Redis(REDIS_URL);
+  await dropPrefix(redis, prefix);
+  await redis.quit();
   await rm(root, { recursive: true, force: true });
 });
 

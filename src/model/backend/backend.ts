@@ -4,6 +4,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import '@tensorflow/tfjs';
 import '@tensorflow/tfjs-backend-wasm';
 import { ConfigError } from '../../errors.js';
+import { installNativeMatMul } from './native-matmul.js';
 import { installWasmKernels } from './wasm-kernels.js';
 
 export type BackendChoice = 'auto' | 'tensorflow' | 'wasm' | 'cpu';
@@ -13,6 +14,8 @@ export interface ResolvedBackend {
   name: string;
   /** Where it came from, for the startup log line. */
   source: string;
+  /** wasm only: whether matrix products run natively (OpenBLAS) or in wasm, and why. */
+  matMul?: string;
 }
 
 let resolved: ResolvedBackend | undefined;
@@ -38,8 +41,11 @@ async function useBuiltin(name: 'wasm' | 'cpu'): Promise<ResolvedBackend> {
   const ok = await tf.setBackend(name);
   if (!ok) throw new ConfigError('BACKEND_UNAVAILABLE', `tfjs backend '${name}' failed to initialise`);
   await tf.ready();
-  if (name === 'wasm') installWasmKernels();
-  return { name, source: name === 'wasm' ? '@tensorflow/tfjs-backend-wasm' : '@tensorflow/tfjs-backend-cpu' };
+  if (name === 'wasm') {
+    installWasmKernels();
+    return { name, source: '@tensorflow/tfjs-backend-wasm', matMul: installNativeMatMul().detail };
+  }
+  return { name, source: '@tensorflow/tfjs-backend-cpu' };
 }
 
 /**
@@ -64,5 +70,6 @@ export async function resolveBackend(choice: BackendChoice = "auto", log: (line:
   result ??= await useBuiltin(choice === 'cpu' ? 'cpu' : 'wasm');
   resolved = result;
   log(`tensor backend: ${result.name} (${result.source})`);
+  if (result.matMul) log(`matrix products: ${result.matMul}`);
   return result;
 }

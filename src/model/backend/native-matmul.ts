@@ -1,0 +1,102 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { broadcast_util, util, type KernelFunc, type TensorInfo } from '@tensorflow/tfjs-core';
+import type { BackendWasm } from '@tensorflow/tfjs-backend-wasm';
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+/**
+ * Matrix products at native speed on every core, behind tfjs's own extension point: a
+ * BatchMatMul kernel for the wasm backend that hands the operands, as views into the wasm heap
+ * (no copy), to OpenBLAS's multithreaded sgemm through a small Node-API addon
+ * (native/blas, built at install when the library and a compiler are there). Everything else
+ * in the engine is unchanged; without the addon the stock XNNPACK kernel runs, and startup
+ * says which.
+ *
+ *   out[i] = op(a[i·sa]) · op(b[i·sb]),  sa / sb = 0 when that side has batch 1 (broadcast)
+ */
+interface NativeBlas {
+  sgemmBatch(a: Float32Array, b: Float32Array, c: Float32Array, batch: number, m: number, n: number, k: number, transA: boolean, transB: boolean, strideA: number, strideB: number): void;
+  describe(): { config: string; core: string; threads: number };
+  setThreads(n: number): void;
+}
+
+export interface MatMulPath {
+  native: boolean;
+  /** For the startup line: which library, core type and threads, or why not. */
+  detail: string;
+}
+
+const ADDON = fileURLToPath(new URL('../../../native/blas/build/Release/lora_gateway_blas.node', import.meta.url));
+
+/** Below this many multiply-adds the N-API call and OpenBLAS's threading cost more than wasm's kernel saves. */
+const MIN_NATIVE_MACS = 4096;
+
+function loadAddon(): { blas?: NativeBlas; why?: string } {
+  const setting = (process.env.LORA_GATEWAY_NATIVE_BLAS ?? 'auto').toLowerCase();
+  if (setting === 'off' || setting === '0' || setting === 'false') return { why: 'turned off by LORA_GATEWAY_NATIVE_BLAS' };
+  if (!existsSync(ADDON)) return { why: 'native/blas addon not built (install libopenblas-dev, then npm run build:native)' };
+  try {
+    return { blas: createRequire(import.meta.url)(ADDON) as NativeBlas };
+  } catch (err) {
+    return { why: `native/blas addon does not load: ${(err as Error).message.split('\n')[0]}` };
+  }
+}
+
+function heap(backend: BackendWasm, t: TensorInfo): Float32Array {
+  return backend.typedArrayFromHeap(t) as Float32Array;
+}
+
+function batchMatMulKernel(blas: NativeBlas, stock: KernelFunc): KernelFunc {
+  return (args) => {
+    const { a, b } = args.inputs as { a: TensorInfo; b: TensorInfo };
+    const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean };
+    const backend = args.backend as BackendWasm;
+    if (a.dtype !== 'float32' || b.dtype !== 'float32') return stock(args);
+    const ra = a.shape.length;
+    const rb = b.shape.length;
+    const k = transposeA ? a.shape[ra - 2] : a.shape[ra - 1];
+    const kB = transposeB ? b.shape[rb - 1] : b.shape[rb - 2];
+    const m = transposeA ? a.shape[ra - 1] : a.shape[ra - 2];
+    const n = transposeB ? b.shape[rb - 2] : b.shape[rb - 1];
+    const batchA = util.sizeFromShape(a.shape.slice(0, -2));
+    const batchB = util.sizeFromShape(b.shape.slice(0, -2));
+    const outer = broadcast_util.assertAndGetBroadcastShape(a.shape.slice(0, -2), b.shape.slice(0, -2));
+    const batch = util.sizeFromShape(outer);
+    // only plain batches (equal, or one side a single matrix) map to strided sgemm calls
+    const plain = batchA === batchB || batchA === 1 || batchB === 1;
+    if (k !== kB || !plain || m * n * k < MIN_NATIVE_MACS || m === 0 || n === 0 || k === 0) return stock(args);
+    const out = backend.makeOutput([...outer, m, n], 'float32');
+    // views are taken after the output exists: allocating may grow (and move) the heap
+    blas.sgemmBatch(heap(backend, a), heap(backend, b), heap(backend, out), batch, m, n, k, transposeA, transposeB, batchA === 1 ? 0 : m * k, batchB === 1 ? 0 : k * n);
+    return out;
+  };
+}
+
+let path: MatMulPath | undefined;
+
+/**
+ * Registers the native BatchMatMul for the wasm backend when the addon loads (idempotent);
+ * returns which path matrix products take.
+ */
+export function installNativeMatMul(): MatMulPath {
+  if (path) return path;
+  const { blas, why } = loadAddon();
+  const stock = tf.getKernel('BatchMatMul', 'wasm');
+  if (!blas || !stock) {
+    path = { native: false, detail: `wasm XNNPACK, one thread (${why ?? 'no wasm BatchMatMul kernel'})` };
+    return path;
+  }
+  const threads = Number(process.env.LORA_GATEWAY_BLAS_THREADS);
+  if (Number.isInteger(threads) && threads > 0) blas.setThreads(threads);
+  tf.unregisterKernel('BatchMatMul', 'wasm');
+  tf.registerKernel({ ...stock, kernelFunc: batchMatMulKernel(blas, stock.kernelFunc) });
+  const d = blas.describe();
+  path = { native: true, detail: `OpenBLAS sgemm, ${d.threads} thread(s), ${d.core} kernels (${d.config.split(' ').slice(0, 2).join(' ')})` };
+  return path;
+}
+
+/** Which path matrix products take (undefined before the wasm backend is resolved). */
+export function matMulPath(): MatMulPath | undefined {
+  return path;
+}

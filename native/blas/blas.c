@@ -15,7 +15,6 @@
 
 extern char *openblas_get_config(void);
 extern int openblas_get_num_threads(void);
-extern void openblas_set_num_threads(int);
 extern char *openblas_get_corename(void);
 
 #define CHECK(call)                                                   \
@@ -63,24 +62,10 @@ static napi_value sgemm_batch(napi_env env, napi_callback_info info) {
     napi_throw_range_error(env, NULL, "sgemmBatch: shapes or strides exceed the arrays");
     return NULL;
   }
-  /* a single row is memory-bound: a second thread's wake-up and join cost more than it saves
-     (decode at batch 1: 20 vs 23 tokens/s on 2 cores), so gemv runs on the calling thread */
-  int threads = openblas_get_num_threads();
-  if (m == 1 && !ta && threads > 1) openblas_set_num_threads(1);
   for (int64_t i = 0; i < batch; i++) {
-    if (m == 1 && !ta) {
-      /* one row: a matrix-vector product. sgemm's M = 1 path is far slower here (17 ms vs
-         1 ms for 576 × 49152), so ask for gemv: c = op(B)ᵀ · a */
-      if (tb)
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, (blasint)n, (blasint)k, 1.0f, b + i * sb, (blasint)k, a + i * sa, 1, 0.0f, c + i * n, 1);
-      else
-        cblas_sgemv(CblasRowMajor, CblasTrans, (blasint)k, (blasint)n, 1.0f, b + i * sb, (blasint)n, a + i * sa, 1, 0.0f, c + i * n, 1);
-      continue;
-    }
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n, (blasint)k, 1.0f, a + i * sa,
                 ta ? (blasint)m : (blasint)k, b + i * sb, tb ? (blasint)k : (blasint)n, 0.0f, c + i * m * n, (blasint)n);
   }
-  if (m == 1 && !ta && threads > 1) openblas_set_num_threads(threads);
   return NULL;
 }
 

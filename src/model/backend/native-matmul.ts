@@ -65,8 +65,10 @@ function batchMatMulKernel(blas: NativeBlas, stock: KernelFunc): KernelFunc {
     const batch = util.sizeFromShape(outer);
     // only plain batches (equal, or one side a single matrix) map to strided sgemm calls
     const plain = batchA === batchB || batchA === 1 || batchB === 1;
-    // 2–7 rows: XNNPACK beats sgemm there (4×576·576→1536: 0.24 ms vs 0.27 ms); one row is a gemv
-    const rowsFit = (m === 1 && !transposeA) || m >= 8;
+    // fewer than 8 rows stay on XNNPACK: there its packed weights beat OpenBLAS (4×576·576→1536:
+    // 0.24 vs 0.27 ms), and decode at batch 1 ran 31–33 tokens/s on XNNPACK against 20–22 with
+    // OpenBLAS's sgemm or its sgemv, on one thread or two (bench:matmul-paths)
+    const rowsFit = m >= 8;
     if (k !== kB || !plain || !rowsFit || m * n * k < MIN_NATIVE_MACS || n === 0 || k === 0) return stock(args);
     const out = backend.makeOutput([...outer, m, n], 'float32');
     // views are taken after the output exists: allocating may grow (and move) the heap

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { FederationError, UpdateRejectedError } from '../../src/errors.js';
+import { FederationError } from '../../src/errors.js';
 import { aggregateFedavg } from '../../src/federation/aggregators/fedavg.js';
 import { aggregateFedsb } from '../../src/federation/aggregators/fedsb.js';
 import { fedsbRandomInit } from '../../src/federation/aggregators/fedsb-init.js';
@@ -11,18 +11,11 @@ import type { FactorSet } from '../../src/federation/lora-factors.js';
 import { seededLoraA } from '../../src/federation/lora-init.js';
 import { add, denseOf, frob, mul, singularValuesReference } from './dense-reference.js';
 import { deltas, denseSum, gqaModules, randomFactors, relErrAll, shares } from './factor-fixtures.js';
+import { rejects } from '../helpers/error-matchers.js';
 
 const NS = [10, 30, 60];
 const modules = gqaModules(4);
 
-function rejects(reason: string, ...mentions: string[]) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof UpdateRejectedError, `expected UpdateRejectedError, got ${String(err)}`);
-    assert.equal(err.reason, reason, err.message);
-    for (const m of mentions) assert.ok(err.message.includes(m), `'${err.message}' should mention '${m}'`);
-    return true;
-  };
-}
 
 describe('client weights', () => {
   it('p_k = n_k / Σ n', () => {

@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { FederationError, UpdateRejectedError } from '../../src/errors.js';
+import { FederationError } from '../../src/errors.js';
 import { FED_METHODS, peftTensorName, type FactorSet, type FedMethod } from '../../src/federation/lora-factors.js';
 import { decodeGlobalState, decodeUpdate, encodeGlobalState, encodeUpdate, type UpdateMeta } from '../../src/federation/update-codec.js';
 import { encodeSafetensors, SafetensorsReader, type TensorToWrite } from '../../src/model/formats/safetensors.js';
 import { gqaModules, randomFactors } from './factor-fixtures.js';
+import { rejects } from '../helpers/error-matchers.js';
 
 const modules = gqaModules(4);
 const TRAINED: Record<FedMethod, ('a' | 'b' | 'r')[]> = { fedavg: ['a', 'b'], ffa: ['b'], flora: ['a', 'b'], fedsb: ['r'] };
@@ -17,14 +18,6 @@ function expectFor(method: FedMethod, over: Partial<Parameters<typeof decodeUpda
   return { job: 'job-1', round: 3, client: 'alice', method, modules, ...over };
 }
 
-function rejects(reason: string, ...mentions: string[]) {
-  return (err: unknown): boolean => {
-    assert.ok(err instanceof UpdateRejectedError, `expected UpdateRejectedError, got ${String(err)}`);
-    assert.equal(err.reason, reason, err.message);
-    for (const m of mentions) assert.ok(err.message.includes(m), `'${err.message}' should mention '${m}'`);
-    return true;
-  };
-}
 
 /** The update's tensors and metadata, to build variants of the file by hand. */
 function tensorsOf(factors: FactorSet, method: FedMethod): TensorToWrite[] {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { ModelFormatError, type ErrorCode } from '../../src/errors.js';
+import { ModelFormatError, UpdateRejectedError, type ErrorCode } from '../../src/errors.js';
 
 /** assert.rejects/throws predicate: a ModelFormatError with this code whose message mentions each string. */
 export function hasCode(code: ErrorCode, ...mentions: string[]) {
@@ -7,6 +7,16 @@ export function hasCode(code: ErrorCode, ...mentions: string[]) {
     assert.ok(err instanceof ModelFormatError, `expected ModelFormatError, got ${String(err)}`);
     assert.equal(err.code, code, err.message);
     for (const m of mentions) assert.ok(err.message.includes(m), `message '${err.message}' should mention '${m}'`);
+    return true;
+  };
+}
+
+/** assert.rejects/throws predicate: an UpdateRejectedError with this reason whose message mentions each string. */
+export function rejects(reason: string, ...mentions: string[]) {
+  return (err: unknown): boolean => {
+    assert.ok(err instanceof UpdateRejectedError, `expected UpdateRejectedError, got ${String(err)}`);
+    assert.equal(err.reason, reason, err.message);
+    for (const m of mentions) assert.ok(err.message.includes(m), `'${err.message}' should mention '${m}'`);
     return true;
   };
 }

@@ -1,15 +1,11 @@
 import type { Redis } from 'ioredis';
 import { UpdateRejectedError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
-import { aggregateFedavg } from './aggregators/fedavg.js';
-import { aggregateFedsb } from './aggregators/fedsb.js';
 import { fedsbGradientInit, fedsbRandomInit } from './aggregators/fedsb-init.js';
-import { aggregateFfa } from './aggregators/ffa.js';
-import { aggregateFlora } from './aggregators/flora.js';
 import type { ClientUpdate } from './aggregators/client-update.js';
-import { toServedAdapter } from './aggregators/served-adapter.js';
 import type { FederationKeys } from './federation-keys.js';
 import { decodeGradients } from './gradient-codec.js';
+import { aggregateOffThread } from './method-aggregate.js';
 import type { JobRecord, RoundRecord } from './job-record.js';
 import { clientRank, jobModules, type JobSpec } from './job-spec.js';
 import type { FactorSet } from './lora-factors.js';
@@ -102,7 +98,8 @@ export class RoundAggregator {
     if (updates.length < spec.min_clients) return 'quorum_missed';
 
     const previous = await this.global(rec, cur.round);
-    const { next, served, stats } = this.combine(spec, previous, updates);
+    const lora = { alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, r: typeof spec.lora.r === 'number' ? spec.lora.r : 0 };
+    const { next, served, stats } = await aggregateOffThread({ method: spec.method, lora, maxLoraRank: this.o.maxLoraRank, previous, updates });
     const aggregationSeconds = (Date.now() - t0) / 1000;
     const t1 = Date.now();
     const examples = updates.reduce((s, u) => s + u.numExamples, 0);
@@ -184,25 +181,6 @@ export class RoundAggregator {
     cur.state = 'initialized';
     cur.timings = { trainingSeconds, aggregationSeconds: (Date.now() - t0) / 1000, publishingSeconds: 0 };
     return 'published';
-  }
-
-  /** The method's aggregate: the next global state, the PEFT files to serve, and round statistics. */
-  private combine(spec: JobSpec, previous: FactorSet, updates: (ClientUpdate & { scale: number })[]) {
-    const lora = { alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, r: typeof spec.lora.r === 'number' ? spec.lora.r : 0 };
-    if (spec.method === 'fedavg') {
-      const { global, relativeError } = aggregateFedavg(previous, updates);
-      return { next: global, served: toServedAdapter('fedavg', global, lora), stats: { aggregationError: relativeError, rank: lora.r } };
-    }
-    if (spec.method === 'ffa') {
-      const { global } = aggregateFfa(previous, updates);
-      return { next: global, served: toServedAdapter('ffa', global, lora), stats: { rank: lora.r } };
-    }
-    if (spec.method === 'flora') {
-      const { global, keptFraction, rank } = aggregateFlora(previous.size > 0 ? previous : undefined, updates, this.o.maxLoraRank);
-      return { next: global, served: toServedAdapter('flora', global, lora), stats: { keptFraction, rank } };
-    }
-    const { global } = aggregateFedsb(previous, updates);
-    return { next: global, served: toServedAdapter('fedsb', global, lora), stats: { rank: lora.r } };
   }
 
   keptUpdate(job: string, round: number, client: string): Promise<Buffer | null> {

@@ -113,6 +113,7 @@ export async function startPrivateRedis(): Promise<{ url: string; stop(): Promis
     const { Redis } = await import('ioredis');
     for (let i = 0; i < 100; i++) {
       const r = new Redis(port, '127.0.0.1', { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+      r.on('error', () => undefined); // refused while the server starts: expected, we retry
       const ok = await r.connect().then(() => r.ping(), () => undefined);
       r.disconnect();
       if (ok === 'PONG') return;

@@ -48,7 +48,7 @@ export function moduleSpecsFor(config: ModelConfig, spec: LoraSpec): ModuleFacto
 }
 
 /** FNV-1a over the UTF-16 code units of s: a stable 32-bit hash, identical on every machine. */
-function fnv1a(s: string): number {
+export function fnv1a(s: string): number {
   let h = 0x811c9dc5;
   for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193) >>> 0;
   return h;

@@ -2,7 +2,7 @@ import type { Redis } from 'ioredis';
 import { UpdateRejectedError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { fedsbGradientInit, fedsbRandomInit } from './aggregators/fedsb-init.js';
-import type { ClientUpdate } from './aggregators/client-update.js';
+import { weightedSum } from './aggregators/client-update.js';
 import type { FederationKeys } from './federation-keys.js';
 import { decodeGradients } from './gradient-codec.js';
 import { aggregateOffThread } from './method-aggregate.js';
@@ -71,30 +71,19 @@ export class RoundAggregator {
     const spec = rec.spec;
     const t0 = Date.now();
     const modules = jobModules(spec, this.o.model);
-    const updates: (ClientUpdate & { trainLoss: number; bytes: number; scale: number })[] = [];
-    for (const v of verified) {
-      const entry = cur.clients.find((c) => c.client === v.client)!;
-      try {
-        const rank = clientRank(spec, v.client);
-        const { meta, factors } = decodeUpdate(v.bytes, {
-          job: rec.id,
-          round: cur.round,
-          client: v.client,
-          method: spec.method,
-          modules: spec.method === 'flora' ? jobModules(spec, this.o.model, rank) : modules,
-          clientRank: rank,
-        });
-        if (meta.numExamples !== v.ref.num_examples) throw new UpdateRejectedError('metadata_mismatch', `num_examples ${meta.numExamples} in the file, ${v.ref.num_examples} in the reference`);
-        updates.push({ client: v.client, numExamples: meta.numExamples, trainLoss: meta.trainLoss, factors, bytes: v.bytes.length, scale: loraScale(spec.lora.alpha, rank, spec.lora.use_rslora) });
-        entry.status = 'uploaded';
-        delete entry.reason;
-      } catch (err) {
-        if (!(err instanceof UpdateRejectedError)) throw err;
-        entry.status = 'rejected';
-        entry.reason = err.message;
-      }
-    }
-    cur.dropped = cur.clients.filter((c) => c.status !== 'uploaded').map((c) => ({ client: c.client, reason: c.reason ?? c.status }));
+    const updates = await this.accept(cur, verified, (v) => {
+      const rank = clientRank(spec, v.client);
+      const { meta, factors } = decodeUpdate(v.bytes, {
+        job: rec.id,
+        round: cur.round,
+        client: v.client,
+        method: spec.method,
+        modules: spec.method === 'flora' ? jobModules(spec, this.o.model, rank) : modules,
+        clientRank: rank,
+      });
+      if (meta.numExamples !== v.ref.num_examples) throw new UpdateRejectedError('metadata_mismatch', `num_examples ${meta.numExamples} in the file, ${v.ref.num_examples} in the reference`);
+      return { client: v.client, numExamples: meta.numExamples, trainLoss: meta.trainLoss, factors, bytes: v.bytes.length, scale: loraScale(spec.lora.alpha, rank, spec.lora.use_rslora) };
+    });
     if (updates.length < spec.min_clients) return 'quorum_missed';
 
     const previous = await this.global(rec, cur.round);
@@ -102,25 +91,19 @@ export class RoundAggregator {
     const { next, served, stats } = await aggregateOffThread({ method: spec.method, lora, maxLoraRank: this.o.maxLoraRank, previous, updates });
     const aggregationSeconds = (Date.now() - t0) / 1000;
     const t1 = Date.now();
-    const examples = updates.reduce((s, u) => s + u.numExamples, 0);
-    cur.participants = updates.map((u) => u.client);
-    cur.examples = examples;
-    cur.meanTrainLoss = updates.reduce((s, u) => s + u.trainLoss * u.numExamples, 0) / examples;
-    cur.bytesUploaded = updates.reduce((s, u) => s + u.bytes, 0);
+    const examples = this.recordParticipants(cur, updates);
     Object.assign(cur, stats);
 
     // the next round's starting point, then the kept updates, then the version: each step is
     // idempotent, so a crash anywhere in here is repaired by running it again
     await this.o.redis.set(this.o.keys.global(rec.id, cur.round + 1), encodeGlobalState({ job: rec.id, round: cur.round + 1, method: spec.method }, stripFfaA(spec, next)));
-    if (this.o.keepUpdates) {
-      for (const v of verified) if (cur.participants.includes(v.client)) await this.o.redis.set(this.o.keys.kept(rec.id, cur.round, v.client), v.bytes);
-    }
+    await this.keepParticipants(rec, cur, verified);
     const provenance = {
       job: rec.id,
       round: cur.round,
       attempt: cur.attempt,
       method: spec.method,
-      clients: cur.participants,
+      clients: cur.participants!,
       examples,
       weights: Object.fromEntries(updates.map((u) => [u.client, u.numExamples / examples])),
       mean_train_loss: cur.meanTrainLoss,
@@ -144,13 +127,35 @@ export class RoundAggregator {
   private async initialize(rec: JobRecord, cur: RoundRecord, verified: VerifiedBytes[], trainingSeconds: number): Promise<'published' | 'quorum_missed'> {
     const t0 = Date.now();
     const modules = jobModules(rec.spec, this.o.model);
-    const accepted: { client: string; numExamples: number; trainLoss: number; grads: Map<string, Float32Array>; bytes: number }[] = [];
+    const accepted = await this.accept(cur, verified, async (v) => {
+      const { meta, grads } = await decodeGradients(v.bytes, { job: rec.id, round: cur.round, client: v.client, modules });
+      return { client: v.client, numExamples: meta.numExamples, trainLoss: meta.trainLoss, grads, bytes: v.bytes.length };
+    });
+    if (accepted.length < rec.spec.min_clients) return 'quorum_missed';
+    const examples = this.recordParticipants(cur, accepted);
+    const p = accepted.map((u) => u.numExamples / examples);
+    const mean = new Map(modules.map((m) => [m.modulePath, weightedSum(accepted.map((u) => u.grads.get(m.modulePath)!), p)]));
+    const factors = fedsbGradientInit(mean, modules, modules[0].rank, { stepSize: rec.spec.local.lr, seed: rec.spec.seed });
+    await this.o.redis.set(this.o.keys.global(rec.id, 1), encodeGlobalState({ job: rec.id, round: 1, method: 'fedsb' }, factors));
+    await this.keepParticipants(rec, cur, verified);
+    cur.rank = modules[0].rank;
+    cur.state = 'initialized';
+    cur.timings = { trainingSeconds, aggregationSeconds: (Date.now() - t0) / 1000, publishingSeconds: 0 };
+    return 'published';
+  }
+
+  /**
+   * Decodes every verified upload: an accepted one marks its client `uploaded`, a rejection
+   * records its reason; either way `cur.dropped` ends up listing everyone not aggregated.
+   */
+  private async accept<T>(cur: RoundRecord, verified: VerifiedBytes[], decode: (v: VerifiedBytes) => T | Promise<T>): Promise<T[]> {
+    const accepted: T[] = [];
     for (const v of verified) {
       const entry = cur.clients.find((c) => c.client === v.client)!;
       try {
-        const { meta, grads } = await decodeGradients(v.bytes, { job: rec.id, round: cur.round, client: v.client, modules });
-        accepted.push({ client: v.client, numExamples: meta.numExamples, trainLoss: meta.trainLoss, grads, bytes: v.bytes.length });
+        accepted.push(await decode(v));
         entry.status = 'uploaded';
+        delete entry.reason;
       } catch (err) {
         if (!(err instanceof UpdateRejectedError)) throw err;
         entry.status = 'rejected';
@@ -158,29 +163,23 @@ export class RoundAggregator {
       }
     }
     cur.dropped = cur.clients.filter((c) => c.status !== 'uploaded').map((c) => ({ client: c.client, reason: c.reason ?? c.status }));
-    if (accepted.length < rec.spec.min_clients) return 'quorum_missed';
+    return accepted;
+  }
+
+  /** Participants, examples, example-weighted mean train loss and upload bytes of the round; returns the examples. */
+  private recordParticipants(cur: RoundRecord, accepted: { client: string; numExamples: number; trainLoss: number; bytes: number }[]): number {
     const examples = accepted.reduce((s, u) => s + u.numExamples, 0);
-    const mean = new Map<string, Float32Array>();
-    for (const m of modules) {
-      const acc = new Float64Array(m.outFeatures * m.inFeatures);
-      for (const u of accepted) {
-        const g = u.grads.get(m.modulePath)!;
-        const p = u.numExamples / examples;
-        for (let i = 0; i < acc.length; i++) acc[i] += p * g[i];
-      }
-      mean.set(m.modulePath, Float32Array.from(acc));
-    }
-    const factors = fedsbGradientInit(mean, modules, modules[0].rank, { stepSize: rec.spec.local.lr, seed: rec.spec.seed });
-    await this.o.redis.set(this.o.keys.global(rec.id, 1), encodeGlobalState({ job: rec.id, round: 1, method: 'fedsb' }, factors));
-    if (this.o.keepUpdates) for (const v of verified) if (accepted.some((a) => a.client === v.client)) await this.o.redis.set(this.o.keys.kept(rec.id, cur.round, v.client), v.bytes);
     cur.participants = accepted.map((u) => u.client);
     cur.examples = examples;
     cur.meanTrainLoss = accepted.reduce((s, u) => s + u.trainLoss * u.numExamples, 0) / examples;
     cur.bytesUploaded = accepted.reduce((s, u) => s + u.bytes, 0);
-    cur.rank = modules[0].rank;
-    cur.state = 'initialized';
-    cur.timings = { trainingSeconds, aggregationSeconds: (Date.now() - t0) / 1000, publishingSeconds: 0 };
-    return 'published';
+    return examples;
+  }
+
+  /** Keeps the aggregated uploads (after recordParticipants) for the audit route (--federation-keep-updates). */
+  private async keepParticipants(rec: JobRecord, cur: RoundRecord, verified: VerifiedBytes[]): Promise<void> {
+    if (!this.o.keepUpdates) return;
+    for (const v of verified) if (cur.participants?.includes(v.client)) await this.o.redis.set(this.o.keys.kept(rec.id, cur.round, v.client), v.bytes);
   }
 
   keptUpdate(job: string, round: number, client: string): Promise<Buffer | null> {

@@ -1,6 +1,7 @@
 import type { FederationKeys } from './federation-keys.js';
 import type { JobRecord, RoundRecord } from './job-record.js';
 import { clientRank } from './job-spec.js';
+import { fnv1a } from './lora-init.js';
 import type { FedMethod } from './lora-factors.js';
 
 /**
@@ -52,13 +53,6 @@ export interface TrainProgress {
 /** Updates wait for the coordinator this long in Redis; a day covers any sane round timeout. */
 const UPDATE_TTL_MS = 24 * 3600 * 1000;
 
-/** FNV-1a: a stable 32-bit hash of a client id, to give each client its own seed. */
-function hashString(s: string): number {
-  let h = 2166136261;
-  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 16777619) >>> 0;
-  return h;
-}
-
 /** The task of every selected client of a round attempt (dropped clients get none). */
 export function roundTasks(rec: JobRecord, round: RoundRecord, keys: FederationKeys, fingerprint: string): TrainTask[] {
   const spec = rec.spec;
@@ -77,7 +71,7 @@ export function roundTasks(rec: JobRecord, round: RoundRecord, keys: FederationK
       updateTtlMs: UPDATE_TTL_MS,
       jobSeed: spec.seed,
       // a different seed per client, round and attempt: batch order and fresh factors differ
-      seed: (spec.seed * 31 + round.round * 1009 + round.attempt * 17 + hashString(c.client)) >>> 0,
+      seed: (spec.seed * 31 + round.round * 1009 + round.attempt * 17 + fnv1a(c.client)) >>> 0,
       lora: { rank: clientRank(spec, c.client), alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, targetModules: spec.lora.target_modules },
       local: { steps: spec.local.steps, epochs: spec.local.epochs, batchSize: spec.local.batch_size, lr: spec.local.lr, seqLen: spec.local.seq_len },
     }));

@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { broadcast_util, util, type KernelFunc, type TensorInfo } from '@tensorflow/tfjs-core';
 import type { BackendWasm } from '@tensorflow/tfjs-backend-wasm';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 
@@ -32,10 +32,41 @@ const ADDON = fileURLToPath(new URL('../../../native/blas/build/Release/lora_gat
 /** Below this many multiply-adds the N-API call and OpenBLAS's threading cost more than wasm's kernel saves. */
 const MIN_NATIVE_MACS = 4096;
 
+/**
+ * The OpenBLAS kernel family for this CPU, from its feature flags, when the user has not set
+ * OPENBLAS_CORETYPE. Debian's OpenBLAS 0.3.21 picks its kernels by CPU model, and on CPU models
+ * newer than it knows it falls back to Prescott (SSE3): on this project's Intel Xeon machines
+ * that ran 1024³ at 170 GFLOP/s against 270–280 with SkylakeX's AVX-512 kernels
+ * (bench:matmul-paths), and on AMD EPYC (Zen 4) it detects Cooperlake itself, which SkylakeX
+ * matches for sgemm. Must run before the addon loads: OpenBLAS reads the variable once, in its
+ * library constructor.
+ */
+export function chooseOpenBlasCore(cpuinfo: string | undefined, env: NodeJS.ProcessEnv): string | undefined {
+  if (env.OPENBLAS_CORETYPE !== undefined || cpuinfo === undefined) return undefined;
+  const line = cpuinfo.split('\n').find((l) => l.startsWith('flags'));
+  if (!line) return undefined;
+  const flags = new Set(line.slice(line.indexOf(':') + 1).trim().split(/\s+/));
+  if (['avx512f', 'avx512bw', 'avx512dq', 'avx512vl'].every((f) => flags.has(f))) return 'SkylakeX';
+  if (flags.has('avx2') && flags.has('fma')) return 'Haswell';
+  return undefined;
+}
+
+function readCpuinfo(): string | undefined {
+  try {
+    return readFileSync('/proc/cpuinfo', 'utf8');
+  } catch {
+    return undefined;
+  }
+}
+
+let chosenCore: string | undefined;
+
 function loadAddon(): { blas?: NativeBlas; why?: string } {
   const setting = (process.env.LORA_GATEWAY_NATIVE_BLAS ?? 'auto').toLowerCase();
   if (setting === 'off' || setting === '0' || setting === 'false') return { why: 'turned off by LORA_GATEWAY_NATIVE_BLAS' };
   if (!existsSync(ADDON)) return { why: 'native/blas addon not built (install libopenblas-dev, then npm run build:native)' };
+  chosenCore = chooseOpenBlasCore(readCpuinfo(), process.env);
+  if (chosenCore) process.env.OPENBLAS_CORETYPE = chosenCore;
   try {
     return { blas: createRequire(import.meta.url)(ADDON) as NativeBlas };
   } catch (err) {
@@ -96,7 +127,7 @@ export function installNativeMatMul(): MatMulPath {
   tf.unregisterKernel('BatchMatMul', 'wasm');
   tf.registerKernel({ ...stock, kernelFunc: batchMatMulKernel(blas, stock.kernelFunc) });
   const d = blas.describe();
-  path = { native: true, detail: `OpenBLAS sgemm, ${d.threads} thread(s), ${d.core} kernels (${d.config.split(' ').slice(0, 2).join(' ')})` };
+  path = { native: true, detail: `OpenBLAS sgemm, ${d.threads} thread(s), ${d.core} kernels (${d.config.split(' ').slice(0, 2).join(' ')}${chosenCore ? `; OPENBLAS_CORETYPE=${chosenCore} from the CPU's flags` : ''})` };
   return path;
 }
 

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
 import { writeDemoModel } from '../../../src/cli/demo-model-command.js';
-import { matMulPath } from '../../../src/model/backend/native-matmul.js';
+import { chooseOpenBlasCore, matMulPath } from '../../../src/model/backend/native-matmul.js';
 import { SeededRandom } from '../../../src/model/synthetic/seeded-random.js';
 import { useWasm } from '../../helpers/tiny-models.js';
 
@@ -104,4 +104,14 @@ test('with LORA_GATEWAY_NATIVE_BLAS=off the CLI says it falls back to wasm, and 
   assert.deepEqual(n.token_ids, f.token_ids);
   n.logprobs.forEach((lp, i) => assert.ok(Math.abs(lp.logprob - f.logprobs[i].logprob) < 1e-4));
   n.prompt_logprobs.forEach((lp, i) => assert.ok(lp === null || Math.abs(lp.logprob - f.prompt_logprobs[i]!.logprob) < 1e-4));
+});
+
+test("OpenBLAS's kernels are chosen from the CPU's flags unless OPENBLAS_CORETYPE is set", () => {
+  const cpu = (flags: string) => `processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse2 ${flags}\n`;
+  assert.equal(chooseOpenBlasCore(cpu('avx2 fma avx512f avx512bw avx512dq avx512vl'), {}), 'SkylakeX');
+  assert.equal(chooseOpenBlasCore(cpu('avx2 fma avx512f'), {}), 'Haswell', 'partial AVX-512 is not enough for SkylakeX kernels');
+  assert.equal(chooseOpenBlasCore(cpu('avx sse4_2'), {}), undefined, 'older CPUs keep OpenBLAS own detection');
+  assert.equal(chooseOpenBlasCore(cpu('avx2 fma avx512f avx512bw avx512dq avx512vl'), { OPENBLAS_CORETYPE: 'Haswell' }), undefined, "the user's choice stands");
+  assert.equal(chooseOpenBlasCore(undefined, {}), undefined);
+  if (matMulPath()?.native && process.env.OPENBLAS_CORETYPE === 'SkylakeX') assert.match(matMulPath()!.detail, /SkylakeX kernels/);
 });

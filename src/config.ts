@@ -65,6 +65,8 @@ const serveConfigSchema = z
      */
     maxBatchTokens: z.number().int().positive().default(512),
     maxAdaptersPerBatch: z.number().int().positive().default(32),
+    /** Run the engine on its own worker thread, so HTTP never waits for a scheduler step. @defaultValue true */
+    engineThread: z.boolean().default(true),
     /** Waiting requests beyond this get HTTP 429. @defaultValue 256 */
     maxWaiting: z.number().int().positive().default(256),
     /** Request bodies (uploads included) above this get HTTP 413. @defaultValue 256 MiB */

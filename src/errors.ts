@@ -39,6 +39,7 @@ export type ErrorCode =
   | 'CONTEXT_LENGTH_EXCEEDED'
   | 'CONFIG_INVALID'
   | 'BACKEND_UNAVAILABLE'
+  | 'ENGINE_FAILED'
   // federation (src/federation)
   | 'FEDERATION_DISABLED'
   | 'FED_JOB_INVALID'
@@ -100,4 +101,30 @@ export class UpdateRejectedError extends LoraGatewayError {
     super('UPDATE_REJECTED', `${reason}: ${message}`, options);
     this.reason = reason;
   }
+}
+
+/** An error as it crosses a thread boundary (structured clone keeps neither class nor code reliably). */
+export interface WireError {
+  name: string;
+  message: string;
+  code?: ErrorCode;
+}
+
+export function errorToWire(err: unknown): WireError {
+  const e = err instanceof Error ? err : new Error(String(err));
+  return { name: e.name, message: e.message, ...(err instanceof LoraGatewayError ? { code: err.code } : {}) };
+}
+
+const WIRE_CLASSES: Record<string, new (code: ErrorCode, message: string) => LoraGatewayError> = {
+  AdapterError,
+  RequestError,
+  ConfigError,
+  FederationError,
+  LoraGatewayError,
+};
+
+/** The same class and code on this side (ModelFormatError and others arrive as LoraGatewayError). */
+export function errorFromWire(w: WireError): Error {
+  if (!w.code) return Object.assign(new Error(w.message), { name: w.name });
+  return new (WIRE_CLASSES[w.name] ?? LoraGatewayError)(w.code, w.message);
 }

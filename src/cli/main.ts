@@ -26,7 +26,7 @@ Usage:
   lora-gateway serve [--model DIR] [--adapter-dir DIR] [--host H] [--port P] [--served-model-name NAME]
                      [--data DIR] [--device-memory 256MiB] [--host-memory 1GiB] [--max-running-seqs N]
                      [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N] [--body-limit 256MiB]
-                     [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
+                     [--engine-thread on|off] [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
       without --model: serves the demo model (created once under --data, default ./data)
       with --redis: also runs federated training jobs (POST /v1/federation/jobs)
   lora-gateway fed-client --redis URL --client-id ID --data PATH --model DIR [--federation-prefix P]
@@ -71,6 +71,7 @@ const OPTIONS = {
   redis: { type: 'string' },
   'federation-prefix': { type: 'string' },
   'federation-keep-updates': { type: 'string' },
+  'engine-thread': { type: 'string' },
   'client-id': { type: 'string' },
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
@@ -231,6 +232,7 @@ export async function main(argv: string[]): Promise<number> {
         maxBatchTokens: num(flags['max-batch-tokens'], 'max-batch-tokens'),
         maxAdaptersPerBatch: num(flags['max-adapters-per-batch'], 'max-adapters-per-batch'),
         maxWaiting: num(flags['max-waiting'], 'max-waiting'),
+        engineThread: onOff(flags['engine-thread'] ?? env.LORA_GATEWAY_ENGINE_THREAD, 'engine-thread'),
         bodyLimitBytes: parseBytes(flags['body-limit'] ?? env.LORA_GATEWAY_BODY_LIMIT, 'body-limit'),
         redisUrl: flags.redis ?? env.LORA_GATEWAY_REDIS_URL,
         federationPrefix: flags['federation-prefix'] ?? env.LORA_GATEWAY_FEDERATION_PREFIX,

@@ -12,6 +12,8 @@ import { baseModelFingerprint } from '../federation/base-fingerprint.js';
 import { JOB_STATES } from '../federation/job-record.js';
 import { RoundCoordinator } from '../federation/round-coordinator.js';
 import { Gateway } from '../serving/gateway.js';
+import { ThreadedGateway } from '../serving/threaded-gateway.js';
+import { readModelConfig } from '../model/architecture/model-config.js';
 import { writeDemoModel } from './demo-model-command.js';
 import { loadTokenizerIfPresent } from './generate-command.js';
 
@@ -35,30 +37,37 @@ async function demoModelDir(dataDir: string, log: (line: string) => void): Promi
 /** Starts the gateway; resolves once it listens, with a function that shuts it down. */
 export async function serve(options: ServeOptions): Promise<{ url: string; close: () => Promise<void> }> {
   const { serve: cfg, engine, log } = options;
-  await resolveBackend(engine.backend, log);
   let modelDir = options.modelDir;
   let adapterDir = cfg.adapterDir;
   if (!modelDir) ({ modelDir, adapterDir } = await demoModelDir(cfg.dataDir, log));
   const modelId = cfg.servedModelName ?? basename(resolve(modelDir));
-  const loraCost = measureLoraCostModel();
-  log(`LoRA cost model measured on this backend: ${describeLoraCostModel(loraCost)}`);
-  const gateway = await Gateway.create({
+  const common = {
     modelId,
-    model: await loadLlamaModel(modelDir),
     tokenizer: await loadTokenizerIfPresent(modelDir),
     storeDir: resolve(cfg.dataDir, 'adapters'),
     deviceMemoryBytes: cfg.deviceMemoryBytes,
     hostMemoryBytes: cfg.hostMemoryBytes,
     maxLoraRank: engine.maxLoraRank,
     loraStrategy: engine.loraStrategy,
-    loraCost,
     limits: {
       maxRunningSeqs: cfg.maxRunningSeqs,
       maxBatchTokens: cfg.maxBatchTokens,
       maxAdaptersPerBatch: cfg.maxAdaptersPerBatch,
       maxWaiting: cfg.maxWaiting,
     },
-  });
+  };
+  let gateway: Gateway | ThreadedGateway;
+  if (cfg.engineThread) {
+    // the engine (backend, model, batcher) on its own thread; HTTP stays on this event loop
+    gateway = await ThreadedGateway.create({ ...common, modelDir, model: await readModelConfig(modelDir), backend: engine.backend, log });
+    log('engine: on its own worker thread (HTTP never waits for a step)');
+  } else {
+    await resolveBackend(engine.backend, log);
+    const loraCost = measureLoraCostModel();
+    log(`LoRA cost model measured on this backend: ${describeLoraCostModel(loraCost)}`);
+    gateway = await Gateway.create({ ...common, model: await loadLlamaModel(modelDir), loraCost });
+    log('engine: on the HTTP thread (--engine-thread off)');
+  }
   if (adapterDir) {
     for (const entry of (await readdir(adapterDir, { withFileTypes: true })).filter((e) => e.isDirectory())) {
       // unchanged folders are not stored again on every restart
@@ -97,7 +106,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator });
   const url = await app.listen({ host: cfg.host, port: cfg.port });
   const adapters = gateway.listAdapters();
-  log(`serving ${modelId} with ${adapters.length} adapters at ${url} (device pool ${gateway.pool.capacity} pages)`);
+  log(`serving ${modelId} with ${adapters.length} adapters at ${url} (device pool ${gateway.poolCapacity} pages)`);
   const example = adapters[0]?.id ?? modelId;
   log(
     `try: curl -s ${url}/v1/completions -H 'content-type: application/json' -d '{"model": "${example}", "prompt": "The quick brown fox", "max_tokens": 16}'`,

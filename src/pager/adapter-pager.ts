@@ -3,7 +3,7 @@ import { LoraGatewayError } from '../errors.js';
 import type { LoraAdapter } from '../model/lora/lora-adapter.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { uploadAdapter, type HostLoraAdapter } from '../model/lora/peft-adapter-reader.js';
-import type { AdapterRecord, AdapterStore } from './adapter-store.js';
+import type { AdapterRecord, StoredAdapterReader } from './adapter-store.js';
 import type { PagePool } from './page-pool.js';
 import { adapterPages } from './page-sizes.js';
 
@@ -34,7 +34,7 @@ export interface PagerCounters {
   hostEvictions: number;
 }
 
-function keyOf(r: AdapterRecord): string {
+export function adapterVersionKey(r: Pick<AdapterRecord, 'id' | 'version'>): string {
   return `${r.id}@${r.version}`;
 }
 
@@ -49,7 +49,7 @@ function hostBytes(h: HostLoraAdapter): number {
  * needed. All loads and evictions run on one queue, in order, so callers never race a load.
  */
 export class AdapterPager {
-  private readonly store: AdapterStore;
+  private readonly store: StoredAdapterReader;
   private readonly pool: PagePool;
   private readonly model: ModelConfig;
   private readonly host: LRUCache<string, HostLoraAdapter>;
@@ -60,7 +60,7 @@ export class AdapterPager {
   private readonly failures = new Map<string, Error>();
   readonly counters: PagerCounters = { hostHits: 0, hostMisses: 0, deviceLoads: 0, deviceEvictions: 0, hostEvictions: 0 };
 
-  constructor(store: AdapterStore, pool: PagePool, model: ModelConfig, options: AdapterPagerOptions) {
+  constructor(store: StoredAdapterReader, pool: PagePool, model: ModelConfig, options: AdapterPagerOptions) {
     this.store = store;
     this.pool = pool;
     this.model = model;
@@ -74,7 +74,7 @@ export class AdapterPager {
   }
 
   residence(record: AdapterRecord): AdapterResidence {
-    const key = keyOf(record);
+    const key = adapterVersionKey(record);
     if (this.failures.has(key)) return 'errored';
     if (this.device.has(key)) return 'device';
     return this.host.has(key) ? 'host' : 'disk';
@@ -82,7 +82,7 @@ export class AdapterPager {
 
   /** Why an errored version failed to load. */
   failure(record: AdapterRecord): string | undefined {
-    return this.failures.get(keyOf(record))?.message;
+    return this.failures.get(adapterVersionKey(record))?.message;
   }
 
   /** Pages this version needs on device. */
@@ -102,7 +102,7 @@ export class AdapterPager {
   }
 
   private async toHost(record: AdapterRecord): Promise<HostLoraAdapter> {
-    const key = keyOf(record);
+    const key = adapterVersionKey(record);
     const failed = this.failures.get(key);
     if (failed) throw failed;
     const cached = this.host.get(key);
@@ -128,7 +128,7 @@ export class AdapterPager {
    * unpinned (the caller retries once pinned adapters or KV pages are released).
    */
   acquire(record: AdapterRecord): Promise<LoraAdapter | undefined> {
-    const key = keyOf(record);
+    const key = adapterVersionKey(record);
     const resident = this.device.get(key);
     if (resident) {
       resident.pins++;
@@ -168,7 +168,7 @@ export class AdapterPager {
   }
 
   release(record: AdapterRecord): void {
-    const e = this.device.get(keyOf(record));
+    const e = this.device.get(adapterVersionKey(record));
     if (e && e.pins > 0) e.pins--;
   }
 
@@ -188,7 +188,7 @@ export class AdapterPager {
 
   /** Drops a version from every tier (it must be unpinned), e.g. after delete. */
   forget(record: AdapterRecord): void {
-    const key = keyOf(record);
+    const key = adapterVersionKey(record);
     const e = this.device.get(key);
     if (e) {
       this.device.delete(key);
@@ -197,6 +197,15 @@ export class AdapterPager {
     }
     this.host.delete(key);
     this.failures.delete(key);
+  }
+
+  /** Every version not on disk only, with where it is (and why, when errored): for another thread's view. */
+  residences(): { key: string; residence: AdapterResidence; error?: string }[] {
+    const out: { key: string; residence: AdapterResidence; error?: string }[] = [];
+    for (const [key, err] of this.failures) out.push({ key, residence: 'errored', error: err.message });
+    for (const key of this.device.keys()) if (!this.failures.has(key)) out.push({ key, residence: 'device' });
+    for (const key of this.host.keys()) if (!this.failures.has(key) && !this.device.has(key)) out.push({ key, residence: 'host' });
+    return out;
   }
 
   deviceResident(): { key: string; pins: number }[] {

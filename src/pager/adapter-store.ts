@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve, sep } from 'node:path';
 import { AdapterError, RequestError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { readPeftAdapter, type HostLoraAdapter } from '../model/lora/peft-adapter-reader.js';
@@ -198,19 +198,17 @@ export class AdapterStore {
    * (ADAPTER_WEIGHTS_INVALID when they differ). I/O errors are passed on as they are.
    */
   async readFiles(record: AdapterRecord): Promise<AdapterFiles> {
-    const { dir, sha256: want } = record;
-    // each file is read once: the bytes that pass the checksum are the bytes handed out
-    const [config, weights] = await Promise.all([readFile(join(dir, CONFIG)), readFile(join(dir, WEIGHTS))]);
-    if (sha256(config) !== want.config || sha256(weights) !== want.weights) {
-      throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: files do not match the checksums in ${MANIFEST}`);
-    }
-    return { config, weights };
+    return readCheckedFiles(record);
   }
 
   /** Reads a stored version back to host memory, checking it against its manifest. */
   async readHost(record: AdapterRecord): Promise<HostLoraAdapter> {
-    const files = await this.readFiles(record);
-    return readPeftAdapter(record.dir, this.model, this.maxRank, record.id, files);
+    return this.reader().readHost(record);
+  }
+
+  /** What the pager needs of a store, usable from another thread (it reads by record, holds no index). */
+  reader(): StoredAdapterReader {
+    return storedAdapterReader(this.root, this.model, this.maxRank);
   }
 
   private async write(id: string, files: AdapterFiles, host: HostLoraAdapter, provenance: Record<string, unknown> | undefined): Promise<AdapterRecord> {
@@ -300,4 +298,37 @@ export class AdapterStore {
     }
     return { ...m, dir };
   }
+}
+
+/** Reads stored versions back to host memory: all the pager needs of the store. */
+export interface StoredAdapterReader {
+  readHost(record: AdapterRecord): Promise<HostLoraAdapter>;
+}
+
+/**
+ * A reader for the store at `root` that keeps no index, for the engine thread: the store that
+ * writes lives on the API's thread, and records travel with each request.
+ */
+export function storedAdapterReader(root: string, model: ModelConfig, maxRank: number): StoredAdapterReader {
+  return {
+    async readHost(record) {
+      // records come from another thread's messages: never read outside the store
+      if (!resolve(record.dir).startsWith(resolve(root) + sep)) throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${record.dir}: not inside the adapter store ${root}`);
+      return readPeftAdapter(record.dir, model, maxRank, record.id, await readCheckedFiles(record));
+    },
+  };
+}
+
+/**
+ * The two files of a stored version, checked against the checksums in its manifest
+ * (ADAPTER_WEIGHTS_INVALID when they differ). I/O errors are passed on as they are.
+ */
+async function readCheckedFiles(record: AdapterRecord): Promise<AdapterFiles> {
+  const { dir, sha256: want } = record;
+  // each file is read once: the bytes that pass the checksum are the bytes handed out
+  const [config, weights] = await Promise.all([readFile(join(dir, CONFIG)), readFile(join(dir, WEIGHTS))]);
+  if (sha256(config) !== want.config || sha256(weights) !== want.weights) {
+    throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: files do not match the checksums in ${MANIFEST}`);
+  }
+  return { config, weights };
 }

@@ -15,7 +15,8 @@ export interface BatcherLimits {
 
 export interface BatcherParts {
   model: LlamaModel;
-  store: AdapterStore;
+  /** The latest record of an adapter id (the AdapterStore's get). */
+  store: Pick<AdapterStore, 'get'>;
   pager: AdapterPager;
   pool: PagePool;
   limits: BatcherLimits;

@@ -5,12 +5,11 @@ import type { LlamaModel } from '../model/forward/llama-model.js';
 import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
-import { AdapterPager, type AdapterResidence } from '../pager/adapter-pager.js';
+import type { AdapterResidence } from '../pager/adapter-pager.js';
 import { AdapterStore, type AdapterFiles, type AdapterRecord, type PutOptions } from '../pager/adapter-store.js';
-import { PagePool } from '../pager/page-pool.js';
-import { pageBytes } from '../pager/page-sizes.js';
 import type { GenerationResult } from './batch-generator.js';
-import { ContinuousBatcher, type BatcherLimits, type StepInfo } from './continuous-batcher.js';
+import type { BatcherLimits, StepInfo } from './continuous-batcher.js';
+import { EngineCore } from './engine-core.js';
 import type { CompletionRequest, EngineStats, ServingEngine, TokenEvent } from './serving-engine.js';
 
 export interface GatewayOptions {
@@ -30,60 +29,53 @@ export interface GatewayOptions {
   onStep?: (info: StepInfo) => void;
 }
 
+/** Stop token ids of a model and its tokenizer, deduplicated. */
+export function stopTokenIdsOf(model: ModelConfig, tokenizer: TextTokenizer | undefined): number[] {
+  return [...new Set([...model.eosTokenIds, ...(tokenizer?.eosTokenIds ?? [])])];
+}
+
 /**
- * The serving side assembled: adapter store (disk) → pager (host/device tiers over one page
- * pool) → continuous batcher. This is the ServingEngine the HTTP API talks to.
+ * The serving side assembled in one thread: adapter store (disk) → EngineCore (pager over one
+ * page pool, continuous batcher). The CLI's tools and the tests use it directly; `serve` runs
+ * the same EngineCore in a worker thread behind a ThreadedGateway, so HTTP never waits for a step.
  */
 export class Gateway implements ServingEngine {
   readonly modelId: string;
   readonly model: ModelConfig;
   readonly tokenizer: TextTokenizer | undefined;
-  readonly pool: PagePool;
-  readonly pager: AdapterPager;
   private readonly store: AdapterStore;
-  private readonly batcher: ContinuousBatcher;
-  private readonly llama: LlamaModel;
-  private readonly stepListeners: ((info: StepInfo) => void)[] = [];
+  private readonly core: EngineCore;
 
   private constructor(options: GatewayOptions, store: AdapterStore) {
     this.modelId = options.modelId;
-    this.llama = options.model;
     this.model = options.model.config;
     this.tokenizer = options.tokenizer;
     this.store = store;
-    this.pool = new PagePool(Math.floor(options.deviceMemoryBytes / pageBytes(this.model)));
-    this.pager = new AdapterPager(store, this.pool, this.model, { hostMemoryBytes: options.hostMemoryBytes });
-    const stopTokenIds = [...new Set([...this.model.eosTokenIds, ...(options.tokenizer?.eosTokenIds ?? [])])];
-    this.batcher = new ContinuousBatcher({
+    this.core = new EngineCore({
       model: options.model,
-      store,
-      pager: this.pager,
-      pool: this.pool,
+      reader: store.reader(),
+      records: store,
+      stopTokenIds: stopTokenIdsOf(this.model, options.tokenizer),
+      deviceMemoryBytes: options.deviceMemoryBytes,
+      hostMemoryBytes: options.hostMemoryBytes,
       limits: options.limits,
-      stopTokenIds,
       loraStrategy: options.loraStrategy,
       loraCost: options.loraCost,
-      onStep: (info) => {
-        options.onStep?.(info);
-        for (const l of this.stepListeners) l(info);
-      },
     });
+    if (options.onStep) this.core.onStep(options.onStep);
   }
 
   static async create(options: GatewayOptions): Promise<Gateway> {
     return new Gateway(options, await AdapterStore.open(options.storeDir, options.model.config, options.maxLoraRank));
   }
 
-  get runningCount(): number {
-    return this.batcher.runningCount;
-  }
-
-  get waitingCount(): number {
-    return this.batcher.waitingCount;
+  /** Device pages in the pool (KV + adapters). */
+  get poolCapacity(): number {
+    return this.core.pool.capacity;
   }
 
   complete(request: CompletionRequest, onToken?: (event: TokenEvent) => void): Promise<GenerationResult> {
-    return this.batcher.submit(request, onToken);
+    return this.core.complete(request, onToken);
   }
 
   listAdapters(): AdapterRecord[] {
@@ -111,55 +103,55 @@ export class Gateway implements ServingEngine {
   }
 
   async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {
-    let files: AdapterFiles;
-    try {
-      files = {
-        config: await readFile(join(dir, 'adapter_config.json')),
-        weights: await readFile(join(dir, 'adapter_model.safetensors')),
-      };
-    } catch (err) {
-      throw new AdapterError('ADAPTER_CONFIG_INVALID', `${dir}: cannot read adapter_config.json and adapter_model.safetensors`, { cause: err });
-    }
-    return this.store.put(id, files);
+    return this.store.put(id, await readAdapterDir(dir));
   }
 
   async deleteAdapter(id: string): Promise<AdapterRecord> {
     const record = this.store.get(id);
     if (!record) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' does not exist`);
-    await this.batcher.drain(id);
-    for (let v = 1; v <= record.version; v++) this.pager.forget({ ...record, version: v });
+    await this.core.retire(id, versionsUpTo(record));
     return this.store.delete(id);
   }
 
   /** Where an adapter's latest version lives now: disk, host, device, or errored. */
   residence(record: AdapterRecord): AdapterResidence {
-    return this.pager.residence(record);
+    return this.core.residence(record);
   }
 
   loadError(record: AdapterRecord): string | undefined {
-    return this.pager.failure(record);
+    return this.core.loadError(record);
   }
 
   onStep(listener: (info: StepInfo) => void): void {
-    this.stepListeners.push(listener);
+    this.core.onStep(listener);
   }
 
   onAdapterLoad(listener: (seconds: number) => void): void {
-    this.pager.onDeviceLoad(listener);
+    this.core.onAdapterLoad(listener);
   }
 
   stats(): EngineStats {
-    return {
-      running: this.batcher.runningCount,
-      waiting: this.batcher.waitingCount,
-      pages: { kv: this.pool.inUse('kv'), adapter: this.pool.inUse('adapter'), capacity: this.pool.capacity },
-      pager: { ...this.pager.counters },
-    };
+    return this.core.stats();
   }
 
   async close(): Promise<void> {
-    this.batcher.close();
-    this.pager.dispose();
-    this.llama.dispose();
+    this.core.close();
+  }
+}
+
+/** Records of versions 1..record.version of an id (for dropping them all from the pager). */
+export function versionsUpTo(record: AdapterRecord): AdapterRecord[] {
+  return Array.from({ length: record.version }, (_, i) => ({ ...record, version: i + 1 }));
+}
+
+/** An adapter folder's two files, as vLLM's load_lora_adapter reads them. */
+export async function readAdapterDir(dir: string): Promise<AdapterFiles> {
+  try {
+    return {
+      config: await readFile(join(dir, 'adapter_config.json')),
+      weights: await readFile(join(dir, 'adapter_model.safetensors')),
+    };
+  } catch (err) {
+    throw new AdapterError('ADAPTER_CONFIG_INVALID', `${dir}: cannot read adapter_config.json and adapter_model.safetensors`, { cause: err });
   }
 }

@@ -4,6 +4,7 @@ import type { BackendWasm } from '@tensorflow/tfjs-backend-wasm';
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
+import { isMainThread } from 'node:worker_threads';
 
 /**
  * Matrix products at native speed on every core, behind tfjs's own extension point: a
@@ -59,14 +60,24 @@ function readCpuinfo(): string | undefined {
   }
 }
 
-let chosenCore: string | undefined;
+/**
+ * Sets OPENBLAS_CORETYPE from the CPU's flags when the user has not (see chooseOpenBlasCore).
+ * Call on the main thread before starting a thread that loads the addon: a worker's
+ * process.env is its own copy, so only the main thread's assignment reaches the C environment
+ * that OpenBLAS reads; the worker inherits both variables.
+ */
+export function prepareOpenBlasEnvironment(): void {
+  const core = chooseOpenBlasCore(readCpuinfo(), process.env);
+  if (!core) return;
+  process.env.OPENBLAS_CORETYPE = core;
+  process.env.LORA_GATEWAY_BLAS_CORE_FROM_FLAGS = core;
+}
 
 function loadAddon(): { blas?: NativeBlas; why?: string } {
   const setting = (process.env.LORA_GATEWAY_NATIVE_BLAS ?? 'auto').toLowerCase();
   if (setting === 'off' || setting === '0' || setting === 'false') return { why: 'turned off by LORA_GATEWAY_NATIVE_BLAS' };
   if (!existsSync(ADDON)) return { why: 'native/blas addon not built (install libopenblas-dev, then npm run build:native)' };
-  chosenCore = chooseOpenBlasCore(readCpuinfo(), process.env);
-  if (chosenCore) process.env.OPENBLAS_CORETYPE = chosenCore;
+  if (isMainThread) prepareOpenBlasEnvironment();
   try {
     return { blas: createRequire(import.meta.url)(ADDON) as NativeBlas };
   } catch (err) {
@@ -99,7 +110,7 @@ function batchMatMulKernel(blas: NativeBlas, stock: KernelFunc): KernelFunc {
     // fewer than 8 rows stay on XNNPACK: there its packed weights beat OpenBLAS (4×576·576→1536:
     // 0.24 vs 0.27 ms), and decode at batch 1 ran 31–33 tokens/s on XNNPACK against 20–22 with
     // OpenBLAS's sgemm or its sgemv, on one thread or two (bench:matmul-paths)
-    const rowsFit = m >= 8;
+    const rowsFit = m >= 8 || batch > 1;
     if (k !== kB || !plain || !rowsFit || m * n * k < MIN_NATIVE_MACS || n === 0 || k === 0) return stock(args);
     const out = backend.makeOutput([...outer, m, n], 'float32');
     // views are taken after the output exists: allocating may grow (and move) the heap
@@ -127,7 +138,8 @@ export function installNativeMatMul(): MatMulPath {
   tf.unregisterKernel('BatchMatMul', 'wasm');
   tf.registerKernel({ ...stock, kernelFunc: batchMatMulKernel(blas, stock.kernelFunc) });
   const d = blas.describe();
-  path = { native: true, detail: `OpenBLAS sgemm, ${d.threads} thread(s), ${d.core} kernels (${d.config.split(' ').slice(0, 2).join(' ')}${chosenCore ? `; OPENBLAS_CORETYPE=${chosenCore} from the CPU's flags` : ''})` };
+  const chosen = process.env.LORA_GATEWAY_BLAS_CORE_FROM_FLAGS;
+  path = { native: true, detail: `OpenBLAS sgemm, ${d.threads} thread(s), ${d.core} kernels (${d.config.split(' ').slice(0, 2).join(' ')}${chosen ? `; OPENBLAS_CORETYPE=${chosen} from the CPU's flags` : ''})` };
   return path;
 }
 

@@ -1,0 +1,101 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import { errorToWire } from '../errors.js';
+import { resolveBackend } from '../model/backend/backend.js';
+import { loadLlamaModel } from '../model/forward/model-loader.js';
+import { describeLoraCostModel, measureLoraCostModel } from '../model/lora/lora-cost-model.js';
+import { storedAdapterReader, type AdapterRecord } from '../pager/adapter-store.js';
+import { EngineCore } from './engine-core.js';
+import type { EngineWorkerInit, FromEngine, ToEngine } from './engine-protocol.js';
+
+// The engine thread of a ThreadedGateway: it owns the tensor backend and runs the scheduler's
+// steps, so the API thread's event loop never waits for compute (see threaded-gateway.ts).
+// Messages that arrive during a step are delivered when the step yields, i.e. at the next
+// step boundary, where the batcher admits whatever has arrived.
+const port = parentPort!;
+const init = workerData as EngineWorkerInit;
+const post = (m: FromEngine) => port.postMessage(m);
+// the batcher looks the adapter up by id when a request is submitted: it finds the record the
+// API thread resolved for that request
+const records = new Map<string, AdapterRecord>();
+
+async function start(): Promise<EngineCore> {
+  await resolveBackend(init.backend, (line) => post({ type: 'log', line }));
+  const model = await loadLlamaModel(init.modelDir);
+  const loraCost = measureLoraCostModel();
+  post({ type: 'log', line: `LoRA cost model measured on this backend: ${describeLoraCostModel(loraCost)}` });
+  return new EngineCore({
+    model,
+    reader: storedAdapterReader(init.storeDir, model.config, init.maxLoraRank),
+    records,
+    stopTokenIds: init.stopTokenIds,
+    deviceMemoryBytes: init.deviceMemoryBytes,
+    hostMemoryBytes: init.hostMemoryBytes,
+    limits: init.limits,
+    loraStrategy: init.loraStrategy,
+    loraCost,
+  });
+}
+
+function serveMessages(core: EngineCore): void {
+  const cancels = new Map<number, AbortController>();
+  // residences are sent when the pager's state may have changed, not on every step
+  let lastSignature = '';
+  const residences = () => core.pager.residences();
+  const signature = () => {
+    const c = core.pager.counters;
+    return `${c.hostHits + c.hostMisses},${c.deviceLoads},${c.deviceEvictions},${c.hostEvictions},${core.pager.residences().length}`;
+  };
+  core.onStep((info) => {
+    const sig = signature();
+    const changed = sig !== lastSignature;
+    lastSignature = sig;
+    post({ type: 'step', info, stats: core.stats(), ...(changed ? { residences: residences() } : {}) });
+  });
+  core.onAdapterLoad((seconds) => post({ type: 'adapterLoad', seconds }));
+  port.on('message', (m: ToEngine) => {
+    switch (m.type) {
+      case 'submit': {
+        const abort = new AbortController();
+        cancels.set(m.id, abort);
+        if (m.record) records.set(m.record.id, m.record);
+        core
+          .complete({ ...m.request, signal: abort.signal }, (event) => post({ type: 'token', id: m.id, event }))
+          .then(
+            (result) => post({ type: 'done', id: m.id, result }),
+            (err: unknown) => post({ type: 'error', id: m.id, error: errorToWire(err) }),
+          )
+          .finally(() => {
+            cancels.delete(m.id);
+            // a request that failed at admission (e.g. its adapter's files fail their checks) changes residences without a step
+            post({ type: 'state', stats: core.stats(), residences: residences() });
+          });
+        break;
+      }
+      case 'cancel':
+        cancels.get(m.id)?.abort();
+        break;
+      case 'retire':
+        core.retire(m.adapterId, m.versions).then(
+          () => {
+            records.delete(m.adapterId);
+            post({ type: 'retired', id: m.id, residences: residences() });
+          },
+          () => post({ type: 'retired', id: m.id, residences: residences() }),
+        );
+        break;
+      case 'close':
+        core.close();
+        post({ type: 'closed' });
+        port.close();
+        break;
+    }
+  });
+}
+
+start().then(
+  (core) => {
+    serveMessages(core);
+    post({ type: 'ready', poolCapacity: core.pool.capacity, stats: core.stats() });
+  },
+  (err: unknown) => post({ type: 'failed', error: errorToWire(err) }),
+);

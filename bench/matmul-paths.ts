@@ -1,18 +1,19 @@
 /**
  * bench:matmul-paths — the engine on the native OpenBLAS kernels against the stock wasm
  * (XNNPACK, one thread) kernels, in one run: decode tokens/s at batch 1, 8 and 32 and the
- * prefill of 64 prompts × 64 tokens (4,096 tokens) on a SmolLM2-135M-shaped model, each path
+ * prefill of 64 prompts × 64 tokens (4,096 tokens) on a SmolLM2-135M-shaped model (or, with
+ * --shape peer-75m, the llama.cpp peer's 75M benchmark model), each path
  * in its own process (the kernel is chosen once per process), passes interleaved
  * (wasm, native, wasm, native, ...), medians reported with the native / wasm ratio. Also
  * prints each path's 1024³ matMul rate and the share of it that decode and prefill reach.
  *
- *   npm run bench:matmul-paths [-- --passes 3]
+ *   npm run bench:matmul-paths [-- --passes 3 --shape smollm2-135m|peer-75m]
  */
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import { parseArgs } from 'node:util';
 
-const { values } = parseArgs({ options: { passes: { type: 'string', default: '3' }, worker: { type: 'boolean', default: false } } });
+const { values } = parseArgs({ options: { passes: { type: 'string', default: '3' }, worker: { type: 'boolean', default: false }, shape: { type: 'string', default: 'smollm2-135m' } } });
 
 interface Sample {
   path: string;
@@ -32,7 +33,8 @@ async function worker(): Promise<void> {
   const { llamaWeightsFromArrays, PROJECTIONS, projectionShape } = await import('../src/model/architecture/llama-weights.js');
   const { parseModelConfig } = await import('../src/model/architecture/model-config.js');
   const { randomLlamaWeights } = await import('../src/model/synthetic/random-weights.js');
-  const { SMOLLM2_135M_SHAPE } = await import('../src/model/architecture/model-shapes.js');
+  const { SMOLLM2_135M_SHAPE, PEER_75M_SHAPE } = await import('../src/model/architecture/model-shapes.js');
+  const SHAPE = values.shape === 'peer-75m' ? PEER_75M_SHAPE : SMOLLM2_135M_SHAPE;
   await resolveBackend('wasm');
   // the ceiling: this path's own 1024³ matMul
   const n = 1024;
@@ -49,8 +51,8 @@ async function worker(): Promise<void> {
   for (let i = 0; i < 5; i++) once();
   const gemm = (2 * n ** 3 * 5) / ((performance.now() - t0) / 1000) / 1e9;
   tf.dispose([a, b]);
-  const cfg = parseModelConfig(SMOLLM2_135M_SHAPE);
-  const model = new LlamaModel(cfg, llamaWeightsFromArrays(cfg, randomLlamaWeights(SMOLLM2_135M_SHAPE, 1)));
+  const cfg = parseModelConfig(SHAPE);
+  const model = new LlamaModel(cfg, llamaWeightsFromArrays(cfg, randomLlamaWeights(SHAPE, 1)));
   // FLOPs of one token's projections and lm_head (attention over a short context is small)
   const perToken = 2 * (cfg.numLayers * PROJECTIONS.reduce((s, p) => s + projectionShape(cfg, p).inFeatures * projectionShape(cfg, p).outFeatures, 0) + cfg.hiddenSize * cfg.vocabSize);
   const prompt = (i: number, len: number) => Array.from({ length: len }, (_, j) => 1 + ((i * 7919 + j * 104729) % (cfg.vocabSize - 1)));
@@ -98,7 +100,7 @@ function main(): void {
   const runs: Record<'wasm' | 'native', Sample[]> = { wasm: [], native: [] };
   for (let p = 0; p < passes; p++) {
     for (const path of ['wasm', 'native'] as const) {
-      const out = execFileSync(process.execPath, ['--import', 'tsx', 'bench/matmul-paths.ts', '--worker'], {
+      const out = execFileSync(process.execPath, ['--import', 'tsx', 'bench/matmul-paths.ts', '--worker', '--shape', values.shape!], {
         env: { ...process.env, LORA_GATEWAY_NATIVE_BLAS: path === 'wasm' ? 'off' : 'auto' },
         encoding: 'utf8',
       });
@@ -107,7 +109,7 @@ function main(): void {
     }
   }
   const med = (path: 'wasm' | 'native', f: (s: Sample) => number) => median(runs[path].map(f));
-  console.log(`machine: ${os.cpus()[0].model}, ${os.cpus().length} cores; ${new Date().toISOString().slice(0, 10)}; medians of ${passes} interleaved passes`);
+  console.log(`model shape: ${values.shape}; machine: ${os.cpus()[0].model}, ${os.cpus().length} cores; ${new Date().toISOString().slice(0, 10)}; medians of ${passes} interleaved passes`);
   console.log(`wasm path:   ${runs.wasm[0].path}`);
   console.log(`native path: ${runs.native[0].path}`);
   console.log('');

@@ -5,7 +5,7 @@
       "sources": ["blas.c"],
       "include_dirs": ["/usr/include/x86_64-linux-gnu", "/usr/include/openblas"],
       "libraries": ["-lopenblas"],
-      "cflags": ["-O2", "-Wall"]
+      "cflags": ["-O3", "-Wall", "-march=native"]
     }
   ]
 }

@@ -5,7 +5,7 @@ import type { LoraAdapter } from '../model/lora/lora-adapter.js';
 import type { LoraStrategy } from '../model/lora/lora-batch.js';
 import { LoraStackCache } from '../model/lora/lora-stack-cache.js';
 import { forwardDecode, forwardSequences, type LlamaModel, type SequenceStep } from '../model/forward/llama-model.js';
-import { logSoftmax, MAX_LOGPROBS, TokenSampler, topLogprobs, type SamplingParams, type TokenLogprob } from './sampler.js';
+import { logSumExp, MAX_LOGPROBS, TokenSampler, topLogprobsOfLogits, type SamplingParams, type TokenLogprob } from './sampler.js';
 
 export interface GenerationRequest {
   promptIds: number[];
@@ -62,8 +62,9 @@ export function validateRequest(model: LlamaModel, r: GenerationRequest): void {
 }
 
 export function scored(row: Float32Array, tokenId: number, n: number): ScoredToken {
-  const lp = logSoftmax(row);
-  return { tokenId, logprob: lp[tokenId], top: topLogprobs(lp, n) };
+  // one max pass and one exp pass per token: no vocabulary-sized logprob array
+  const lse = logSumExp(row);
+  return { tokenId, logprob: row[tokenId] - lse, top: topLogprobsOfLogits(row, lse, n) };
 }
 
 /** Downloads logits to the host and releases the tensor. */

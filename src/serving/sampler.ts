@@ -1,4 +1,5 @@
 import { RequestError } from '../errors.js';
+import { nativeBlas } from '../model/backend/native-matmul.js';
 import { SeededRandom } from '../model/synthetic/seeded-random.js';
 
 export interface SamplingParams {
@@ -33,14 +34,40 @@ export function validateSampling(p: SamplingParams): void {
  * logits, so reported logprobs carry no extra rounding beyond the logits themselves.
  */
 export function logSoftmax(logits: Float32Array): Float64Array {
+  const lse = logSumExp(logits);
+  const out = new Float64Array(logits.length);
+  for (let i = 0; i < logits.length; i++) out[i] = logits[i] - lse;
+  return out;
+}
+
+/** log Σ exp(logits), in float64 (max-shifted): logSoftmax(l)[i] = l[i] − logSumExp(l). */
+export function logSumExp(logits: Float32Array): number {
+  const native = nativeBlas();
+  if (native && logits.length >= 1024) return native.logSumExp(logits);
   let max = -Infinity;
   for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
   let sum = 0;
   for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i] - max);
-  const lse = max + Math.log(sum);
-  const out = new Float64Array(logits.length);
-  for (let i = 0; i < logits.length; i++) out[i] = logits[i] - lse;
-  return out;
+  return max + Math.log(sum);
+}
+
+/**
+ * The n most likely tokens of a logits row as logprobs (l[i] − lse), most likely first, ties
+ * to the lower id: the same list as topLogprobs(logSoftmax(l), n) without the vocabulary-sized
+ * array, which every decoded token would otherwise allocate and fill.
+ */
+export function topLogprobsOfLogits(logits: Float32Array, lse: number, n: number): TokenLogprob[] {
+  const top: { tokenId: number; v: number }[] = [];
+  if (n <= 0) return [];
+  for (let i = 0; i < logits.length; i++) {
+    const v = logits[i];
+    if (top.length === n && v <= top[n - 1].v) continue;
+    let pos = top.length;
+    while (pos > 0 && top[pos - 1].v < v) pos--;
+    top.splice(pos, 0, { tokenId: i, v });
+    if (top.length > n) top.pop();
+  }
+  return top.map((t) => ({ tokenId: t.tokenId, logprob: t.v - lse }));
 }
 
 /** The n most likely tokens, most likely first; equal values keep the lower token id first. */

@@ -20,6 +20,8 @@ interface NativeBlas {
   sgemmBatch(a: Float32Array, b: Float32Array, c: Float32Array, batch: number, m: number, n: number, k: number, transA: boolean, transB: boolean, strideA: number, strideB: number): void;
   describe(): { config: string; core: string; threads: number };
   setThreads(n: number): void;
+  logSumExp(x: Float32Array): number;
+  loraSgmv(x: Float32Array, out: Float32Array, T: number, inF: number, outF: number, segments: Int32Array, aT: Float32Array[], bT: Float32Array[], ranks: Int32Array, scales: Float32Array): void;
 }
 
 export interface MatMulPath {
@@ -107,11 +109,11 @@ function batchMatMulKernel(blas: NativeBlas, stock: KernelFunc): KernelFunc {
     const batch = util.sizeFromShape(outer);
     // only plain batches (equal, or one side a single matrix) map to strided sgemm calls
     const plain = batchA === batchB || batchA === 1 || batchB === 1;
-    // fewer than 8 rows stay on XNNPACK: there its packed weights beat OpenBLAS (4×576·576→1536:
-    // 0.24 vs 0.27 ms), and decode at batch 1 ran 31–33 tokens/s on XNNPACK against 20–22 with
-    // OpenBLAS's sgemm or its sgemv, on one thread or two (bench:matmul-paths)
-    const rowsFit = m >= 8 || batch > 1;
-    if (k !== kB || !plain || !rowsFit || m * n * k < MIN_NATIVE_MACS || n === 0 || k === 0) return stock(args);
+    // Every row count goes native, decode at batch 1 included: with the AVX-512 kernels OpenBLAS
+    // beats XNNPACK there too (m75 shape, decode step at batch 1: 25 vs 26 ms, batch 4: 32 vs
+    // 38 ms), and XNNPACK would keep a packed copy of every weight it multiplies, doubling the
+    // model's memory (the stock kernel caches one per weight tensor).
+    if (k !== kB || !plain || m * n * k < MIN_NATIVE_MACS || n === 0 || k === 0) return stock(args);
     const out = backend.makeOutput([...outer, m, n], 'float32');
     // views are taken after the output exists: allocating may grow (and move) the heap
     blas.sgemmBatch(heap(backend, a), heap(backend, b), heap(backend, out), batch, m, n, k, transposeA, transposeB, batchA === 1 ? 0 : m * k, batchB === 1 ? 0 : k * n);
@@ -120,6 +122,7 @@ function batchMatMulKernel(blas: NativeBlas, stock: KernelFunc): KernelFunc {
 }
 
 let path: MatMulPath | undefined;
+let loaded: NativeBlas | undefined;
 
 /**
  * Registers the native BatchMatMul for the wasm backend when the addon loads (idempotent);
@@ -135,6 +138,7 @@ export function installNativeMatMul(): MatMulPath {
   }
   const threads = Number(process.env.LORA_GATEWAY_BLAS_THREADS);
   if (Number.isInteger(threads) && threads > 0) blas.setThreads(threads);
+  loaded = blas;
   tf.unregisterKernel('BatchMatMul', 'wasm');
   tf.registerKernel({ ...stock, kernelFunc: batchMatMulKernel(blas, stock.kernelFunc) });
   const d = blas.describe();
@@ -146,4 +150,9 @@ export function installNativeMatMul(): MatMulPath {
 /** Which path matrix products take (undefined before the wasm backend is resolved). */
 export function matMulPath(): MatMulPath | undefined {
   return path;
+}
+
+/** The loaded addon, for other native kernels (undefined on the wasm-only path). */
+export function nativeBlas(): NativeBlas | undefined {
+  return loaded;
 }

@@ -70,21 +70,31 @@ function decoderStack(model: LlamaModel, ids: Int32Array, positions: number[], l
   const { cos, sinSigned } = ropeTables(positions, model.invFreq);
   let h = tf.gather(model.weights.embed, tf.tensor1d(ids, 'int32')) as tf.Tensor2D;
   for (let l = 0; l < c.numLayers; l++) {
-    // One tidy per layer: an enclosing tidy alone would keep every layer's intermediates alive
-    // until the step ends (~3 GB at 512 prompt tokens on a 135M model, past wasm's 4 GB heap).
-    const next = tf.tidy(() => {
-      const w = model.weights.layers[l];
+    // One tidy per block (attention, then MLP): an enclosing tidy alone would keep every
+    // intermediate alive until the step ends (~3 GB at 512 prompt tokens on a 135M model, past
+    // wasm's 4 GB heap), and one per layer still held the attention block's ~12 [T, hidden]
+    // tensors while the MLP's [T, intermediate] ones were made (peak 470 MB above the weights at
+    // 4,096 prompt tokens on the 75M benchmark model). The wasm heap never shrinks, so a step's
+    // peak is the server's resident memory from then on.
+    const w = model.weights.layers[l];
+    const mid = tf.tidy(() => {
       const x = rmsNorm(h, w.inputNorm, c.rmsNormEps);
       const q = applyRope(tf.reshape(linear(model, lora, l, 'q_proj', x), [T, c.numHeads, c.headDim]), cos, sinSigned);
       const k = applyRope(tf.reshape(linear(model, lora, l, 'k_proj', x), [T, c.numKvHeads, c.headDim]), cos, sinSigned);
       const v = tf.reshape(linear(model, lora, l, 'v_proj', x), [T, c.numKvHeads, c.headDim]) as tf.Tensor3D;
-      const mid = tf.add(h, linear(model, lora, l, 'o_proj', attend(l, q, k, v))) as tf.Tensor2D;
-      const x2 = rmsNorm(mid, w.postAttentionNorm, c.rmsNormEps);
-      const gate = linear(model, lora, l, 'gate_proj', x2);
-      const up = linear(model, lora, l, 'up_proj', x2);
-      return tf.add(mid, linear(model, lora, l, 'down_proj', tf.mul(tf.mul(gate, tf.sigmoid(gate)), up) as tf.Tensor2D)) as tf.Tensor2D;
+      return tf.add(h, linear(model, lora, l, 'o_proj', attend(l, q, k, v))) as tf.Tensor2D;
     });
     h.dispose();
+    const next = tf.tidy(() => {
+      const x2 = rmsNorm(mid, w.postAttentionNorm, c.rmsNormEps);
+      // SiLU(gate) ⊙ up in its own scope: only the product outlives it
+      const act = tf.tidy(() => {
+        const gate = linear(model, lora, l, 'gate_proj', x2);
+        return tf.mul(tf.mul(gate, tf.sigmoid(gate)), linear(model, lora, l, 'up_proj', x2)) as tf.Tensor2D;
+      });
+      return tf.add(mid, linear(model, lora, l, 'down_proj', act)) as tf.Tensor2D;
+    });
+    mid.dispose();
     h = next;
   }
   return rmsNorm(h, model.weights.finalNorm, c.rmsNormEps);

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import type { LoraAdapter, LoraModuleWeights } from './lora-adapter.js';
 import type { ProjectionName } from '../architecture/llama-weights.js';
 import type { LoraStack, LoraStackCache, LoraStackChunk } from './lora-stack-cache.js';
+import { nativeSgmvAvailable, sgmvDelta, type SgmvSegment } from '../backend/native-lora.js';
 
 /** Rows [start, start+count) of the flattened token batch use `adapter` (null: base model only). */
 export interface LoraRowSegment {
@@ -52,7 +53,7 @@ export class LoraBatch {
   private readonly rowsOf = new Map<LoraAdapter, LoraRowSegment[]>();
   private readonly chunks: readonly LoraStackChunk[] | undefined;
   /** The path the last delta() took, for benchmarks and diagnostics. */
-  lastChoice: 'single' | 'stacked' | 'segmented' | undefined;
+  lastChoice: 'single' | 'stacked' | 'segmented' | 'native' | undefined;
 
   constructor(
     segments: LoraRowSegment[],
@@ -90,6 +91,12 @@ export class LoraBatch {
       const w = participants[0].weights;
       this.lastChoice = 'single';
       return tf.mul(tf.matMul(tf.matMul(x, w.aT), w.bT), w.scale) as tf.Tensor2D;
+    }
+    // with the native kernel ('auto' only, and not under a gradient tape: it has no gradient)
+    // every adapter's rows are done in one call at exact FLOPs, reading weights in place
+    if (this.strategy === 'auto' && nativeSgmvAvailable() && !recordingGradients()) {
+      this.lastChoice = 'native';
+      return this.native(layer, proj, x, outFeatures);
     }
     const choice = this.strategy === 'auto' ? this.cheaper(layer, proj, participants, inFeatures, outFeatures) : this.strategy;
     this.lastChoice = choice;
@@ -180,6 +187,19 @@ export class LoraBatch {
     return runs;
   }
 
+  private native(layer: number, proj: ProjectionName, x: tf.Tensor2D, outFeatures: number): tf.Tensor2D {
+    const index = new Map<LoraModuleWeights, number>();
+    const segments: SgmvSegment[] = [];
+    for (const run of this.runs(layer, proj)) {
+      if (!run.weights) continue;
+      let p = index.get(run.weights);
+      if (p === undefined) index.set(run.weights, (p = index.size));
+      segments.push({ start: run.start, count: run.count, p });
+    }
+    const participants = [...index.keys()].map((w) => ({ aT: w.aT, bT: w.bT, rank: w.rank, scale: w.scale }));
+    return sgmvDelta(x, participants, segments, outFeatures);
+  }
+
   private segmented(x: tf.Tensor2D, layer: number, proj: ProjectionName, outFeatures: number): tf.Tensor2D {
     // Row slices and one concat in row order: tf.gather is avoided because the wasm kernel
     // copies element by element (17 ms for 512×576 here, vs 0.3 ms for a concat).
@@ -190,4 +210,9 @@ export class LoraBatch {
     );
     return pieces.length === 1 ? pieces[0] : tf.concat(pieces, 0);
   }
+}
+
+/** Whether a gradient tape is recording (tf.grad / variableGrads): kernels without gradients must not run then. */
+function recordingGradients(): boolean {
+  return ((tf.engine() as unknown as { state: { gradientDepth: number } }).state.gradientDepth ?? 0) > 0;
 }

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
 import { LoraAdapter, loraModuleKey, type LoraModuleWeights } from '../../../src/model/lora/lora-adapter.js';
+import { nativeSgmvAvailable } from '../../../src/model/backend/native-lora.js';
 import { LoraBatch, type LoraRowSegment, type LoraStrategy } from '../../../src/model/lora/lora-batch.js';
 import { LoraStackCache } from '../../../src/model/lora/lora-stack-cache.js';
 import type { ProjectionName } from '../../../src/model/architecture/llama-weights.js';
@@ -85,7 +86,10 @@ describe('batched heterogeneous LoRA equals the per-row reference', () => {
         const before = tf.memory().numTensors;
         const lora = new LoraBatch(segments, T, { strategy, stackCache: cache });
         const delta = tf.tidy(() => lora.delta(0, 'q_proj', tf.tensor2d(x, [T, c.inF])) ?? undefined) as tf.Tensor2D | undefined;
+        const choice = lora.lastChoice;
         lora.dispose();
+        // on the native path 'auto' takes the native kernel whenever more than one adapter (or a partial one) is in the batch
+        if (strategy === 'auto' && nativeSgmvAvailable() && choice !== undefined && choice !== 'single') assert.equal(choice, 'native');
         const want = referenceDelta(x, T, c.inF, c.outF, rowModule);
         if (rowModule.every((m) => !m)) {
           assert.equal(delta, undefined);

@@ -278,7 +278,7 @@ async function main(): Promise<void> {
       groups.set(k, [...(groups.get(k) ?? []), r]);
     }
     const best = new Map<string, number>();
-    for (const [k, rs] of [...groups].sort()) {
+    for (const [, rs] of [...groups].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
       const r = rs[0];
       const tok = med(rs.map((x) => x.genTokPerS));
       if (r.system === 'llama.cpp') best.set(`${r.nAdapters}|${r.dist}`, Math.max(best.get(`${r.nAdapters}|${r.dist}`) ?? 0, tok));
@@ -286,18 +286,16 @@ async function main(): Promise<void> {
         `| ${r.system} | ${r.strategy} | ${r.nAdapters} | ${r.dist} | ${tok.toFixed(1)} (${Math.min(...rs.map((x) => x.genTokPerS)).toFixed(0)}–${Math.max(...rs.map((x) => x.genTokPerS)).toFixed(0)}) | ` +
           `${(med(rs.map((x) => x.ttftMeanMs)) / 1000).toFixed(2)} s | ${(med(rs.map((x) => x.ttftP99Ms)) / 1000).toFixed(2)} s | ${(med(rs.map((x) => x.e2eMeanMs)) / 1000).toFixed(2)} s | ${(med(rs.map((x) => x.peakRssMiB)) / 1024).toFixed(2)} GB |`,
       );
-      void k;
     }
     console.log('');
     console.log('| adapters | dist | gateway gen tok/s | llama.cpp best | gateway / llama.cpp best |');
     console.log('|---|---|---|---|---|');
-    for (const [k, rs] of groups) {
+    for (const rs of groups.values()) {
       if (rs[0].system !== 'lora-gateway') continue;
       const key = `${rs[0].nAdapters}|${rs[0].dist}`;
       const peer = best.get(key);
       const tok = med(rs.map((x) => x.genTokPerS));
       console.log(`| ${rs[0].nAdapters} | ${rs[0].dist} | ${tok.toFixed(1)} | ${peer?.toFixed(1) ?? '-'} | ${peer ? (tok / peer).toFixed(2) + '×' : '-'} |`);
-      void k;
     }
     console.log(`\nrows: ${join(work, 'rows.json')}`);
   } finally {

@@ -108,11 +108,18 @@ export interface WireError {
   name: string;
   message: string;
   code?: ErrorCode;
+  /** An UpdateRejectedError's reason. */
+  reason?: string;
 }
 
 export function errorToWire(err: unknown): WireError {
   const e = err instanceof Error ? err : new Error(String(err));
-  return { name: e.name, message: e.message, ...(err instanceof LoraGatewayError ? { code: err.code } : {}) };
+  return {
+    name: e.name,
+    message: e.message,
+    ...(err instanceof LoraGatewayError ? { code: err.code } : {}),
+    ...(err instanceof UpdateRejectedError ? { reason: err.reason } : {}),
+  };
 }
 
 const WIRE_CLASSES: Record<string, new (code: ErrorCode, message: string) => LoraGatewayError> = {
@@ -125,6 +132,7 @@ const WIRE_CLASSES: Record<string, new (code: ErrorCode, message: string) => Lor
 
 /** The same class and code on this side (ModelFormatError and others arrive as LoraGatewayError). */
 export function errorFromWire(w: WireError): Error {
+  if (w.reason !== undefined) return new UpdateRejectedError(w.reason, w.message.replace(`${w.reason}: `, ''));
   if (!w.code) return Object.assign(new Error(w.message), { name: w.name });
   return new (WIRE_CLASSES[w.name] ?? LoraGatewayError)(w.code, w.message);
 }

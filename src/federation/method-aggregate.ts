@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import { extname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { FederationError, LoraGatewayError, UpdateRejectedError, type ErrorCode } from '../errors.js';
+import { errorFromWire, type WireError } from '../errors.js';
 import { aggregateFedavg } from './aggregators/fedavg.js';
 import { aggregateFedsb } from './aggregators/fedsb.js';
 import { aggregateFfa } from './aggregators/ffa.js';
@@ -49,7 +49,7 @@ export function aggregateMethod({ method, lora, maxLoraRank, previous, updates }
 /** The worker script next to this file (.ts under tsx, .js once built). */
 const WORKER = new URL(`./aggregation-worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url);
 
-type WorkerReply = { ok: MethodAggregateResult } | { error: { message: string; code?: ErrorCode; reason?: string } };
+type WorkerReply = { ok: MethodAggregateResult } | { error: WireError };
 
 /**
  * aggregateMethod in a worker thread. The gateway process also serves requests: FLoRA's
@@ -73,10 +73,7 @@ export function aggregateOffThread(input: MethodAggregateInput): Promise<MethodA
         // Buffers arrive as plain Uint8Arrays
         resolve({ ...reply.ok, served: { config: Buffer.from(config.buffer, config.byteOffset, config.byteLength), weights: Buffer.from(weights.buffer, weights.byteOffset, weights.byteLength) } });
       } else {
-        const e = reply.error;
-        if (e.reason) reject(new UpdateRejectedError(e.reason, e.message.replace(`${e.reason}: `, '')));
-        else if (e.code) reject(e.code.startsWith('FED') ? new FederationError(e.code, e.message) : new LoraGatewayError(e.code, e.message));
-        else reject(new Error(e.message));
+        reject(errorFromWire(reply.error));
       }
     });
     worker.once('error', (err) => {

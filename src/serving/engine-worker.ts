@@ -6,6 +6,7 @@ import { describeLoraCostModel, measureLoraCostModel } from '../model/lora/lora-
 import { storedAdapterReader, type AdapterRecord } from '../pager/adapter-store.js';
 import { EngineCore } from './engine-core.js';
 import type { EngineWorkerInit, FromEngine, ToEngine } from './engine-protocol.js';
+import type { EngineStats } from './serving-engine.js';
 
 // The engine thread of a ThreadedGateway: it owns the tensor backend and runs the scheduler's
 // steps, so the API thread's event loop never waits for compute (see threaded-gateway.ts).
@@ -38,18 +39,16 @@ async function start(): Promise<EngineCore> {
 
 function serveMessages(core: EngineCore): void {
   const cancels = new Map<number, AbortController>();
-  // residences are sent when the pager's state may have changed, not on every step
-  let lastSignature = '';
+  // residences are sent only when the pager may have moved something: every move into or out
+  // of a tier (or a failed read) counts in its counters (a delete's forgetting answers `retire`)
+  let sent: EngineStats['pager'] | undefined;
   const residences = () => core.pager.residences();
-  const signature = () => {
-    const c = core.pager.counters;
-    return `${c.hostHits + c.hostMisses},${c.deviceLoads},${c.deviceEvictions},${c.hostEvictions},${core.pager.residences().length}`;
-  };
   core.onStep((info) => {
-    const sig = signature();
-    const changed = sig !== lastSignature;
-    lastSignature = sig;
-    post({ type: 'step', info, stats: core.stats(), ...(changed ? { residences: residences() } : {}) });
+    const stats = core.stats();
+    const p = stats.pager;
+    const moved = !sent || p.hostMisses !== sent.hostMisses || p.deviceLoads !== sent.deviceLoads || p.deviceEvictions !== sent.deviceEvictions || p.hostEvictions !== sent.hostEvictions;
+    sent = p;
+    post({ type: 'step', info, stats, ...(moved ? { residences: residences() } : {}) });
   });
   core.onAdapterLoad((seconds) => post({ type: 'adapterLoad', seconds }));
   port.on('message', (m: ToEngine) => {
@@ -62,13 +61,13 @@ function serveMessages(core: EngineCore): void {
           .complete({ ...m.request, signal: abort.signal }, (event) => post({ type: 'token', id: m.id, event }))
           .then(
             (result) => post({ type: 'done', id: m.id, result }),
-            (err: unknown) => post({ type: 'error', id: m.id, error: errorToWire(err) }),
+            (err: unknown) => {
+              post({ type: 'error', id: m.id, error: errorToWire(err) });
+              // a request that failed at admission (e.g. its adapter's files fail their checks) changes residences without a step
+              post({ type: 'state', stats: core.stats(), residences: residences() });
+            },
           )
-          .finally(() => {
-            cancels.delete(m.id);
-            // a request that failed at admission (e.g. its adapter's files fail their checks) changes residences without a step
-            post({ type: 'state', stats: core.stats(), residences: residences() });
-          });
+          .finally(() => cancels.delete(m.id));
         break;
       }
       case 'cancel':

@@ -1,15 +1,13 @@
-import { readFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import { AdapterError } from '../errors.js';
 import type { LlamaModel } from '../model/forward/llama-model.js';
 import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import type { AdapterResidence } from '../pager/adapter-pager.js';
-import { AdapterStore, type AdapterFiles, type AdapterRecord, type PutOptions } from '../pager/adapter-store.js';
+import { AdapterStore, type AdapterRecord } from '../pager/adapter-store.js';
 import type { GenerationResult } from './batch-generator.js';
 import type { BatcherLimits, StepInfo } from './continuous-batcher.js';
 import { EngineCore } from './engine-core.js';
+import { StoreBackedEngine } from './store-backed-engine.js';
 import type { CompletionRequest, EngineStats, ServingEngine, TokenEvent } from './serving-engine.js';
 
 export interface GatewayOptions {
@@ -39,18 +37,17 @@ export function stopTokenIdsOf(model: ModelConfig, tokenizer: TextTokenizer | un
  * page pool, continuous batcher). The CLI's tools and the tests use it directly; `serve` runs
  * the same EngineCore in a worker thread behind a ThreadedGateway, so HTTP never waits for a step.
  */
-export class Gateway implements ServingEngine {
+export class Gateway extends StoreBackedEngine implements ServingEngine {
   readonly modelId: string;
   readonly model: ModelConfig;
   readonly tokenizer: TextTokenizer | undefined;
-  private readonly store: AdapterStore;
   private readonly core: EngineCore;
 
   private constructor(options: GatewayOptions, store: AdapterStore) {
+    super(store);
     this.modelId = options.modelId;
     this.model = options.model.config;
     this.tokenizer = options.tokenizer;
-    this.store = store;
     this.core = new EngineCore({
       model: options.model,
       reader: store.reader(),
@@ -78,39 +75,8 @@ export class Gateway implements ServingEngine {
     return this.core.complete(request, onToken);
   }
 
-  listAdapters(): AdapterRecord[] {
-    return this.store.list();
-  }
-
-  getAdapter(id: string): AdapterRecord | undefined {
-    return this.store.get(id);
-  }
-
-  putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
-    return this.store.put(id, files, options);
-  }
-
-  getAdapterVersion(id: string, version?: number): Promise<AdapterRecord | undefined> {
-    return this.store.readVersion(id, version);
-  }
-
-  readAdapterFiles(record: AdapterRecord): Promise<AdapterFiles> {
-    return this.store.readFiles(record);
-  }
-
-  findAdapterVersion(id: string, predicate: (record: AdapterRecord) => boolean): Promise<AdapterRecord | undefined> {
-    return this.store.findVersion(id, predicate);
-  }
-
-  async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {
-    return this.store.put(id, await readAdapterDir(dir));
-  }
-
-  async deleteAdapter(id: string): Promise<AdapterRecord> {
-    const record = this.store.get(id);
-    if (!record) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' does not exist`);
-    await this.core.retire(id, versionsUpTo(record));
-    return this.store.delete(id);
+  protected retire(id: string, versions: AdapterRecord[]): Promise<void> {
+    return this.core.retire(id, versions);
   }
 
   /** Where an adapter's latest version lives now: disk, host, device, or errored. */
@@ -139,19 +105,3 @@ export class Gateway implements ServingEngine {
   }
 }
 
-/** Records of versions 1..record.version of an id (for dropping them all from the pager). */
-export function versionsUpTo(record: AdapterRecord): AdapterRecord[] {
-  return Array.from({ length: record.version }, (_, i) => ({ ...record, version: i + 1 }));
-}
-
-/** An adapter folder's two files, as vLLM's load_lora_adapter reads them. */
-export async function readAdapterDir(dir: string): Promise<AdapterFiles> {
-  try {
-    return {
-      config: await readFile(join(dir, 'adapter_config.json')),
-      weights: await readFile(join(dir, 'adapter_model.safetensors')),
-    };
-  } catch (err) {
-    throw new AdapterError('ADAPTER_CONFIG_INVALID', `${dir}: cannot read adapter_config.json and adapter_model.safetensors`, { cause: err });
-  }
-}

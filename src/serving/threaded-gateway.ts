@@ -6,11 +6,12 @@ import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { LoraStrategy } from '../model/lora/lora-batch.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import { adapterVersionKey, type AdapterResidence } from '../pager/adapter-pager.js';
-import { AdapterStore, type AdapterFiles, type AdapterRecord, type PutOptions } from '../pager/adapter-store.js';
+import { AdapterStore, type AdapterRecord } from '../pager/adapter-store.js';
 import type { GenerationResult } from './batch-generator.js';
 import type { BatcherLimits, StepInfo } from './batcher-options.js';
 import type { EngineWorkerInit, FromEngine, ResidenceView, ToEngine } from './engine-protocol.js';
-import { readAdapterDir, stopTokenIdsOf, versionsUpTo } from './gateway.js';
+import { stopTokenIdsOf } from './gateway.js';
+import { StoreBackedEngine } from './store-backed-engine.js';
 import type { CompletionRequest, EngineStats, ServingEngine, TokenEvent } from './serving-engine.js';
 
 export interface ThreadedGatewayOptions {
@@ -47,12 +48,11 @@ const WORKER = new URL(`./engine-worker${import.meta.url.endsWith('.ts') ? '.ts'
  * each token as a message the moment it is sampled. Adapter records, residences and stats
  * that the API reads synchronously are this thread's copies, refreshed by the engine's messages.
  */
-export class ThreadedGateway implements ServingEngine {
+export class ThreadedGateway extends StoreBackedEngine implements ServingEngine {
   readonly modelId: string;
   readonly model: ModelConfig;
   readonly tokenizer: TextTokenizer | undefined;
   poolCapacity = 0;
-  private readonly store: AdapterStore;
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
   private readonly retiring = new Map<number, () => void>();
@@ -66,10 +66,10 @@ export class ThreadedGateway implements ServingEngine {
   private onClosed: (() => void) | undefined;
 
   private constructor(options: ThreadedGatewayOptions, store: AdapterStore, worker: Worker) {
+    super(store);
     this.modelId = options.modelId;
     this.model = options.model;
     this.tokenizer = options.tokenizer;
-    this.store = store;
     this.worker = worker;
   }
 
@@ -203,45 +203,14 @@ export class ThreadedGateway implements ServingEngine {
     });
   }
 
-  listAdapters(): AdapterRecord[] {
-    return this.store.list();
-  }
-
-  getAdapter(id: string): AdapterRecord | undefined {
-    return this.store.get(id);
-  }
-
-  putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
-    return this.store.put(id, files, options);
-  }
-
-  getAdapterVersion(id: string, version?: number): Promise<AdapterRecord | undefined> {
-    return this.store.readVersion(id, version);
-  }
-
-  readAdapterFiles(record: AdapterRecord): Promise<AdapterFiles> {
-    return this.store.readFiles(record);
-  }
-
-  findAdapterVersion(id: string, predicate: (record: AdapterRecord) => boolean): Promise<AdapterRecord | undefined> {
-    return this.store.findVersion(id, predicate);
-  }
-
-  async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {
-    return this.store.put(id, await readAdapterDir(dir));
-  }
-
-  async deleteAdapter(id: string): Promise<AdapterRecord> {
-    const record = this.store.get(id);
-    if (!record) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' does not exist`);
-    if (!this.failure) {
-      const callId = this.nextId++;
-      await new Promise<void>((resolve) => {
-        this.retiring.set(callId, resolve);
-        this.send({ type: 'retire', id: callId, adapterId: id, versions: versionsUpTo(record) });
-      });
-    }
-    return this.store.delete(id);
+  protected async retire(adapterId: string, versions: AdapterRecord[]): Promise<void> {
+    // a dead engine thread holds nothing to drain or forget
+    if (this.failure) return;
+    const id = this.nextId++;
+    await new Promise<void>((resolve) => {
+      this.retiring.set(id, resolve);
+      this.send({ type: 'retire', id, adapterId, versions });
+    });
   }
 
   residence(record: AdapterRecord): AdapterResidence {

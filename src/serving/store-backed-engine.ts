@@ -1,0 +1,66 @@
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { AdapterError } from '../errors.js';
+import type { AdapterFiles, AdapterRecord, AdapterStore, PutOptions } from '../pager/adapter-store.js';
+
+/**
+ * The adapter-management half of a ServingEngine, over the AdapterStore on this thread: shared
+ * by the in-process Gateway and the ThreadedGateway, which differ only in where the engine
+ * runs (so in how a deleted adapter's versions leave host and device: `retire`).
+ */
+export abstract class StoreBackedEngine {
+  protected readonly store: AdapterStore;
+
+  protected constructor(store: AdapterStore) {
+    this.store = store;
+  }
+
+  /** Waits until no request uses the id, then drops the given versions from host and device. */
+  protected abstract retire(id: string, versions: AdapterRecord[]): Promise<void>;
+
+  listAdapters(): AdapterRecord[] {
+    return this.store.list();
+  }
+
+  getAdapter(id: string): AdapterRecord | undefined {
+    return this.store.get(id);
+  }
+
+  putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
+    return this.store.put(id, files, options);
+  }
+
+  getAdapterVersion(id: string, version?: number): Promise<AdapterRecord | undefined> {
+    return this.store.readVersion(id, version);
+  }
+
+  readAdapterFiles(record: AdapterRecord): Promise<AdapterFiles> {
+    return this.store.readFiles(record);
+  }
+
+  findAdapterVersion(id: string, predicate: (record: AdapterRecord) => boolean): Promise<AdapterRecord | undefined> {
+    return this.store.findVersion(id, predicate);
+  }
+
+  /** Registers an adapter folder on disk (vLLM's load_lora_adapter). */
+  async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {
+    let files: AdapterFiles;
+    try {
+      files = {
+        config: await readFile(join(dir, 'adapter_config.json')),
+        weights: await readFile(join(dir, 'adapter_model.safetensors')),
+      };
+    } catch (err) {
+      throw new AdapterError('ADAPTER_CONFIG_INVALID', `${dir}: cannot read adapter_config.json and adapter_model.safetensors`, { cause: err });
+    }
+    return this.store.put(id, files);
+  }
+
+  /** Waits for in-flight requests on the adapter, then removes every version of it. */
+  async deleteAdapter(id: string): Promise<AdapterRecord> {
+    const record = this.store.get(id);
+    if (!record) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${id}' does not exist`);
+    await this.retire(id, Array.from({ length: record.version }, (_, i) => ({ ...record, version: i + 1 })));
+    return this.store.delete(id);
+  }
+}

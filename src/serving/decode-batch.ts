@@ -22,25 +22,29 @@ export class DecodeBatch<S> {
 
   /**
    * Makes the batch hold exactly `live`, in order. Sequences already in it keep their rows
-   * (copied out and packed again); the others bring the cache of their prefill, which the
-   * batch takes over and disposes.
+   * (repacked layer by layer); the others bring the cache of their prefill, which the batch
+   * takes over and disposes.
    */
   set(live: S[], prefilled: Map<S, SequenceKvCache>): void {
-    const caches = new Map(prefilled);
-    if (this.cache) {
-      this.rows.forEach((s, row) => {
-        if (live.includes(s) && !caches.has(s)) caches.set(s, this.cache!.unpack(row));
-      });
-      this.dispose();
+    const rowOf = new Map(this.rows.map((s, row) => [s, row]));
+    const previous = this.cache;
+    this.cache = undefined;
+    try {
+      if (live.length > 0) {
+        this.cache = DecodeBatchCache.repack(
+          previous,
+          live.map((s) => {
+            const cache = prefilled.get(s);
+            return cache ? { cache } : { row: rowOf.get(s)! };
+          }),
+          this.slidingWindow,
+        );
+      }
+    } finally {
+      previous?.dispose();
+      for (const c of prefilled.values()) c.dispose();
     }
-    if (live.length > 0) {
-      this.cache = DecodeBatchCache.pack(
-        live.map((s) => caches.get(s)!),
-        this.slidingWindow,
-      );
-      this.rows = [...live];
-    }
-    for (const c of caches.values()) c.dispose();
+    this.rows = [...live];
   }
 
   /** Drops the rows of sequences that fail `keep` (finished, cancelled or preempted). */

@@ -60,47 +60,78 @@ export interface LlamaWeights {
 }
 
 interface Expected {
+  /** Shape as stored in the checkpoint (HF layout). */
   shape: number[];
-  assign: (t: tf.Tensor) => void;
+  /** Makes the tensor from the checkpoint's values and puts it in its place; returns it. */
+  load: (data: Float32Array) => tf.Tensor;
+}
+
+/** A tensor in the checkpoint's layout. */
+function asIs(shape: number[], put: (t: tf.Tensor) => void): Expected {
+  return { shape, load: (data) => { const t = tf.tensor(data, shape, 'float32'); put(t); return t; } };
+}
+
+/**
+ * A [rows, cols] weight stored transposed, [cols, rows]. Transposed on the host, before the
+ * tensor exists: transposing on the device held both copies at once, and the wasm heap keeps
+ * its high-water mark (100 MB more at startup for a 50k-vocabulary lm_head).
+ */
+function transposed(shape: [number, number], put: (t: tf.Tensor2D) => void): Expected {
+  return {
+    shape,
+    load: (data) => {
+      const t = tf.tensor2d(transposeHost(data, shape[0], shape[1]), [shape[1], shape[0]]);
+      put(t);
+      return t;
+    },
+  };
+}
+
+/** out[j, i] = a[i, j] for a [rows, cols], in 32×32 tiles so both sides stay in cache. */
+export function transposeHost(a: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(rows * cols);
+  const B = 32;
+  for (let i0 = 0; i0 < rows; i0 += B) {
+    const i1 = Math.min(rows, i0 + B);
+    for (let j0 = 0; j0 < cols; j0 += B) {
+      const j1 = Math.min(cols, j0 + B);
+      for (let i = i0; i < i1; i++) {
+        const row = i * cols;
+        for (let j = j0; j < j1; j++) out[j * rows + i] = a[row + j];
+      }
+    }
+  }
+  return out;
 }
 
 /** Every tensor name the config implies, with its HF shape and where the loaded tensor goes. */
 export function expectedTensors(config: ModelConfig, sink: Partial<LlamaWeights> & { layers: Partial<LayerWeights>[] }): Map<string, Expected> {
   const m = new Map<string, Expected>();
   const h = config.hiddenSize;
-  m.set('model.embed_tokens.weight', { shape: [config.vocabSize, h], assign: (t) => (sink.embed = t as tf.Tensor2D) });
-  m.set('model.norm.weight', { shape: [h], assign: (t) => (sink.finalNorm = t as tf.Tensor1D) });
+  m.set('model.embed_tokens.weight', asIs([config.vocabSize, h], (t) => (sink.embed = t as tf.Tensor2D)));
+  m.set('model.norm.weight', asIs([h], (t) => (sink.finalNorm = t as tf.Tensor1D)));
   if (!config.tieWordEmbeddings) {
-    m.set('lm_head.weight', { shape: [config.vocabSize, h], assign: (t) => (sink.lmHeadT = transposeAndDispose(t)) });
+    m.set('lm_head.weight', transposed([config.vocabSize, h], (t) => (sink.lmHeadT = t)));
   }
   for (let l = 0; l < config.numLayers; l++) {
     const proj: Partial<Record<ProjectionName, Partial<Projection>>> = {};
     const layer = { proj } as Partial<LayerWeights>;
     sink.layers.push(layer);
-    m.set(`model.layers.${l}.input_layernorm.weight`, { shape: [h], assign: (t) => (layer.inputNorm = t as tf.Tensor1D) });
-    m.set(`model.layers.${l}.post_attention_layernorm.weight`, {
-      shape: [h],
-      assign: (t) => (layer.postAttentionNorm = t as tf.Tensor1D),
-    });
+    m.set(`model.layers.${l}.input_layernorm.weight`, asIs([h], (t) => (layer.inputNorm = t as tf.Tensor1D)));
+    m.set(`model.layers.${l}.post_attention_layernorm.weight`, asIs([h], (t) => (layer.postAttentionNorm = t as tf.Tensor1D)));
     const layerProj = proj;
     for (const proj of PROJECTIONS) {
       const { inFeatures, outFeatures } = projectionShape(config, proj);
       const p: Partial<Projection> = {};
       layerProj[proj] = p;
       const path = projectionModulePath(l, proj);
-      m.set(`${path}.weight`, { shape: [outFeatures, inFeatures], assign: (t) => (p.wT = transposeAndDispose(t)) });
+      m.set(`${path}.weight`, transposed([outFeatures, inFeatures], (t) => (p.wT = t)));
       if (projectionHasBias(config, proj)) {
-        m.set(`${path}.bias`, { shape: [outFeatures], assign: (t) => (p.bias = t as tf.Tensor1D) });
+        m.set(`${path}.bias`, asIs([outFeatures], (t) => (p.bias = t as tf.Tensor1D)));
       }
     }
   }
   return m;
-}
-
-function transposeAndDispose(t: tf.Tensor): tf.Tensor2D {
-  const out = tf.transpose(t as tf.Tensor2D);
-  t.dispose();
-  return out;
 }
 
 export function disposePartial(w: Partial<LlamaWeights> & { layers?: Partial<LayerWeights>[] }): void {
@@ -123,7 +154,7 @@ export function llamaWeightsFromArrays(config: ModelConfig, arrays: Map<string, 
   for (const [name, exp] of expected) {
     const data = arrays.get(name);
     if (!data) throw new ModelFormatError('TENSOR_MISSING', '(memory)', `tensor '${name}' is missing`);
-    exp.assign(tf.tensor(data, exp.shape, 'float32'));
+    exp.load(data);
   }
   if (config.tieWordEmbeddings) sink.lmHeadT = tf.transpose(sink.embed!);
   return sink as LlamaWeights;

@@ -21,7 +21,7 @@ interface NativeBlas {
   describe(): { config: string; core: string; threads: number };
   setThreads(n: number): void;
   logSumExp(x: Float32Array): number;
-  loraSgmv(x: Float32Array, out: Float32Array, T: number, inF: number, outF: number, segments: Int32Array, aT: Float32Array[], bT: Float32Array[], ranks: Int32Array, scales: Float32Array): void;
+  loraSgmv(x: Float32Array, out: Float32Array, T: number, inF: number, outF: number, segments: Int32Array, aT: Float32Array[], bT: Float32Array[], ranks: Int32Array, scales: Float32Array, base?: Float32Array | null): void;
 }
 
 export interface MatMulPath {

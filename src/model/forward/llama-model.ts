@@ -55,12 +55,21 @@ function rmsNorm(x: tf.Tensor2D, weight: tf.Tensor1D, eps: number): tf.Tensor2D 
   return tf.mul(tf.mul(x, tf.rsqrt(tf.add(variance, eps))), weight) as tf.Tensor2D;
 }
 
+/**
+ * x·Wᵀ (+ bias) (+ LoRA). Each intermediate is freed as soon as the next exists, inside the
+ * caller's tidy, so a 2,048-token prefill holds one [T, out] tensor per projection, not three.
+ */
 function linear(model: LlamaModel, lora: LoraBatch, layer: number, proj: ProjectionName, x: tf.Tensor2D): tf.Tensor2D {
   const p = model.weights.layers[layer].proj[proj];
   let y = tf.matMul(x, p.wT) as tf.Tensor2D;
-  if (p.bias) y = tf.add(y, p.bias) as tf.Tensor2D;
-  const delta = lora.delta(layer, proj, x);
-  return delta ? (tf.add(y, delta) as tf.Tensor2D) : y;
+  if (p.bias) y = replacing(y, tf.add(y, p.bias) as tf.Tensor2D);
+  return replacing(y, lora.apply(layer, proj, x, y));
+}
+
+/** Returns `next`, freeing `prev` (a tidy's intermediate) when next is a new tensor. */
+function replacing<T extends tf.Tensor>(prev: tf.Tensor, next: T): T {
+  if (next !== prev) prev.dispose();
+  return next;
 }
 
 /** Embedding → decoder layers → final norm, for flattened tokens [T] at absolute positions. */
@@ -88,9 +97,17 @@ function decoderStack(model: LlamaModel, ids: Int32Array, positions: number[], l
     const next = tf.tidy(() => {
       const x2 = rmsNorm(mid, w.postAttentionNorm, c.rmsNormEps);
       // SiLU(gate) ⊙ up in its own scope: only the product outlives it
+      // (each [T, intermediate] tensor freed once used: at most three are alive at a time)
       const act = tf.tidy(() => {
         const gate = linear(model, lora, l, 'gate_proj', x2);
-        return tf.mul(tf.mul(gate, tf.sigmoid(gate)), linear(model, lora, l, 'up_proj', x2)) as tf.Tensor2D;
+        const sig = tf.sigmoid(gate);
+        const silu = replacing(gate, tf.mul(gate, sig) as tf.Tensor2D);
+        sig.dispose();
+        const up = linear(model, lora, l, 'up_proj', x2);
+        const out = tf.mul(silu, up) as tf.Tensor2D;
+        silu.dispose();
+        up.dispose();
+        return out;
       });
       return tf.add(mid, linear(model, lora, l, 'down_proj', act)) as tf.Tensor2D;
     });
@@ -158,7 +175,9 @@ export function forwardSequences(model: LlamaModel, steps: SequenceStep[], optio
     result = tf.tidy(() => {
       const masks = steps.map((s) => causalMask(s.tokens.length, s.cache?.length ?? 0, groups, c.slidingWindow));
       const attend: Attend = (layer, q, k, v) => {
-        const outs = steps.map((s, i) => {
+        // one tidy per sequence: only its output [n, H·d] outlives it (its ~15 intermediates
+        // for every sequence of a 2,048-token prefill step at once were ~90 MB of peak heap)
+        const outs = steps.map((s, i) => tf.tidy(() => {
           const { start, count: n } = segments[i];
           const qs = tf.reshape(tf.transpose(tf.slice(q, [start, 0, 0], [n, -1, -1]), [1, 0, 2]), [c.numKvHeads, groups * n, c.headDim]);
           const ksNew = tf.transpose(tf.slice(k, [start, 0, 0], [n, -1, -1]), [1, 2, 0]) as tf.Tensor3D;
@@ -169,7 +188,7 @@ export function forwardSequences(model: LlamaModel, steps: SequenceStep[], optio
           if (mask) scores = tf.add(scores, mask);
           const o = tf.matMul(tf.softmax(scores), vs); // [kvH, g·n, d]
           return tf.reshape(tf.transpose(tf.reshape(o, [c.numHeads, n, c.headDim]), [1, 0, 2]), [n, c.numHeads * c.headDim]) as tf.Tensor2D;
-        });
+        }));
         return outs.length === 1 ? outs[0] : tf.concat(outs, 0);
       };
       const h = decoderStack(model, Int32Array.from(ids), positions, lora, attend);

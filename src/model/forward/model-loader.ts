@@ -36,9 +36,7 @@ export async function loadLlamaWeights(modelDir: string, config: ModelConfig): P
     await checkpoint.readTensors((entry, data) => {
       const exp = expected.get(entry.name);
       if (!exp) return;
-      const t = tf.tensor(data, entry.shape, 'float32');
-      exp.assign(t);
-      created.push(t);
+      created.push(exp.load(data));
     }, new Set(expected.keys()));
   } catch (err) {
     for (const t of created) t.dispose();

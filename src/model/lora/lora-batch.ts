@@ -80,8 +80,21 @@ export class LoraBatch {
     this.masks.clear();
   }
 
-  /** The LoRA delta [T, out] for x [T, in] at one projection, or null when no row adapts it. */
-  delta(layer: number, proj: ProjectionName, x: tf.Tensor2D): tf.Tensor2D | null {
+  /**
+   * y + the LoRA delta for x [T, in] at one projection, y [T, out] being the base projection's
+   * output (y itself when no row adapts it). The native kernel adds into its output directly.
+   */
+  apply(layer: number, proj: ProjectionName, x: tf.Tensor2D, y: tf.Tensor2D): tf.Tensor2D {
+    const delta = this.delta(layer, proj, x, y);
+    if (!delta) return y;
+    return this.lastChoice === 'native' ? delta : (tf.add(y, delta) as tf.Tensor2D);
+  }
+
+  /**
+   * The LoRA delta [T, out] for x [T, in] at one projection, or null when no row adapts it.
+   * With `base` the native path returns base + delta instead (see apply).
+   */
+  delta(layer: number, proj: ProjectionName, x: tf.Tensor2D, base?: tf.Tensor2D): tf.Tensor2D | null {
     if (this.rowsOf.size === 0) return null;
     const participants = this.participants(layer, proj);
     if (participants.length === 0) return null;
@@ -96,7 +109,7 @@ export class LoraBatch {
     // every adapter's rows are done in one call at exact FLOPs, reading weights in place
     if (this.strategy === 'auto' && nativeSgmvAvailable() && !recordingGradients()) {
       this.lastChoice = 'native';
-      return this.native(layer, proj, x, outFeatures);
+      return this.native(layer, proj, x, outFeatures, base);
     }
     const choice = this.strategy === 'auto' ? this.cheaper(layer, proj, participants, inFeatures, outFeatures) : this.strategy;
     this.lastChoice = choice;
@@ -187,7 +200,7 @@ export class LoraBatch {
     return runs;
   }
 
-  private native(layer: number, proj: ProjectionName, x: tf.Tensor2D, outFeatures: number): tf.Tensor2D {
+  private native(layer: number, proj: ProjectionName, x: tf.Tensor2D, outFeatures: number, base: tf.Tensor2D | undefined): tf.Tensor2D {
     const index = new Map<LoraModuleWeights, number>();
     const segments: SgmvSegment[] = [];
     for (const run of this.runs(layer, proj)) {
@@ -197,7 +210,7 @@ export class LoraBatch {
       segments.push({ start: run.start, count: run.count, p });
     }
     const participants = [...index.keys()].map((w) => ({ aT: w.aT, bT: w.bT, rank: w.rank, scale: w.scale }));
-    return sgmvDelta(x, participants, segments, outFeatures);
+    return sgmvDelta(x, participants, segments, outFeatures, base);
   }
 
   private segmented(x: tf.Tensor2D, layer: number, proj: ProjectionName, outFeatures: number): tf.Tensor2D {

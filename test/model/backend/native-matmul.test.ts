@@ -66,6 +66,18 @@ test('matMul equals a float64 reference on every shape class: transposes, batche
     [[2, 3, 4], [2, 4, 5], false, false],
     [[1, 1, 576], [1, 576, 300], false, false],
     [[1, 300, 576], [1, 576, 1], false, false],
+    // one row (the sgemv path), every transpose, batched with and without broadcast
+    [[1, 1, 96], [1, 96, 70], false, false],
+    [[1, 96, 1], [1, 96, 70], true, false],
+    [[1, 1, 96], [1, 70, 96], false, true],
+    [[1, 96, 1], [1, 70, 96], true, true],
+    [[4, 1, 40], [4, 40, 9], false, false],
+    [[4, 1, 40], [1, 9, 40], false, true],
+    // many tiny products (the loop path: decode attention), plain, transposed A, broadcast
+    [[6, 2, 64], [6, 64, 80], false, false],
+    [[6, 64, 3], [6, 64, 80], true, false],
+    [[5, 8, 40], [1, 40, 17], false, false],
+    [[5, 2, 40], [5, 17, 40], false, true],
   ];
   const before = tf.memory().numTensors;
   for (const [sa, sb, ta, tb] of cases) {

@@ -55,6 +55,10 @@ export type ErrorCode =
   | 'FED_QUORUM_NOT_MET'
   | 'FED_BASE_MISMATCH'
   | 'FED_DATA_INVALID'
+  | 'FED_DP_INVALID'
+  | 'FED_DP_BUDGET_EXCEEDED'
+  | 'FED_DP_UNSUPPORTED'
+  | 'FED_ROBUST_UNSUPPORTED'
   | 'UPDATE_REJECTED';
 
 export class LoraGatewayError extends Error {

@@ -30,6 +30,10 @@ function roundJson(r: RoundRecord) {
     rank: r.rank ?? null,
     ...(r.aggregationError !== undefined ? { aggregation_error: r.aggregationError } : {}),
     ...(r.keptFraction !== undefined ? { kept_fraction: r.keptFraction } : {}),
+    ...(r.sampleRate !== undefined ? { sample_rate: r.sampleRate, dp_denominator: r.dpDenominator } : {}),
+    ...(r.rules
+      ? { rules: { norms: r.rules.norms, bounded: r.rules.bounded, clipped: r.rules.clipped, ...(r.rules.selected ? { selected: r.rules.selected } : {}), ...(r.rules.noiseStd !== undefined ? { noise_std: r.rules.noiseStd } : {}) } }
+      : {}),
   };
 }
 
@@ -49,6 +53,8 @@ export function jobJson(j: JobRecord) {
     current_round: j.current ? roundJson(j.current) : null,
     history: j.history.map(roundJson),
     error: j.error ?? null,
+    ...(j.privacy ? { privacy: { ...j.privacy, history: j.privacy.history.map((h) => ({ noise_multiplier: h.noiseMultiplier, sample_rate: h.sampleRate, steps: h.steps })) } } : {}),
+    ...(j.stopReason ? { stop_reason: j.stopReason } : {}),
   };
 }
 

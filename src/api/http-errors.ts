@@ -31,6 +31,10 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   FED_METHOD_UNKNOWN: 400,
   FED_JOB_INVALID: 400,
   FED_MIN_CLIENTS_TOO_HIGH: 400,
+  FED_DP_INVALID: 400,
+  FED_DP_BUDGET_EXCEEDED: 400,
+  FED_DP_UNSUPPORTED: 400,
+  FED_ROBUST_UNSUPPORTED: 400,
 };
 
 export function errorBody(code: string, message: string, type = 'invalid_request_error'): ErrorBody {

@@ -1,4 +1,5 @@
 import cliProgress from 'cli-progress';
+import { LoraGatewayError } from '../errors.js';
 import { FedClientWorker } from '../federation/client-worker.js';
 import type { TrainTask } from '../federation/train-task.js';
 
@@ -11,6 +12,17 @@ export interface FedClientOptions {
   log: (line: string) => void;
   /** Draw a progress bar (stderr is a terminal); otherwise one log line per reported step. */
   tty: boolean;
+  /** `--poison scale:K`: a test mode that uploads corrupted updates (robust aggregation tests). */
+  poison?: string;
+}
+
+/** Parses `--poison scale:K` (K a finite number; sign-flip is scale:-1). */
+export function parsePoison(v: string | undefined): { scale: number } | undefined {
+  if (v === undefined) return undefined;
+  const m = /^scale:(-?[0-9.eE+-]+)$/.exec(v);
+  const k = m ? Number(m[1]) : NaN;
+  if (!Number.isFinite(k)) throw new LoraGatewayError('REQUEST_INVALID', `--poison must be scale:K with K a number (e.g. scale:100, scale:-1), got '${v}'`);
+  return { scale: k };
 }
 
 const label = (t: TrainTask) => `job ${t.job} round ${t.round}${t.attempt > 1 ? `.${t.attempt}` : ''}`;
@@ -21,6 +33,8 @@ const label = (t: TrainTask) => `job ${t.job} round ${t.round}${t.attempt > 1 ? 
  * cli-progress; elsewhere (logs, pipes) it prints plain lines, about ten per task.
  */
 export async function runFedClient(options: FedClientOptions): Promise<void> {
+  const poison = parsePoison(options.poison);
+  if (poison) options.log(`fed-client: --poison scale:${poison.scale}: this client uploads corrupted updates (a robust-aggregation test mode)`);
   let bar: cliProgress.SingleBar | undefined;
   let lastLogged = 0;
   const worker = await FedClientWorker.start({
@@ -30,6 +44,7 @@ export async function runFedClient(options: FedClientOptions): Promise<void> {
     modelDir: options.modelDir,
     dataPath: options.dataPath,
     log: options.log,
+    poison,
     onStep: (task, step, steps, loss) => {
       if (options.tty) {
         if (!bar) {

@@ -11,6 +11,7 @@ import type { LlamaModel } from '../model/forward/llama-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
 import { writeDemoModel } from './demo-model-command.js';
 import { runFedClient } from './fed-client-command.js';
+import { privacyEpsilon } from './privacy-epsilon-command.js';
 import { serve } from './serve-command.js';
 import { batchBaseDir, loadTokenizerIfPresent, readBatchFile, runBatchLines, type BatchLine, type GenerateContext } from './generate-command.js';
 
@@ -29,7 +30,9 @@ Usage:
                      [--engine-thread on|off] [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
       without --model: serves the demo model (created once under --data, default ./data)
       with --redis: also runs federated training jobs (POST /v1/federation/jobs)
-  lora-gateway fed-client --redis URL --client-id ID --data PATH --model DIR [--federation-prefix P]
+  lora-gateway privacy-epsilon --sample-rate Q (--noise-multiplier S | --target-epsilon E) --steps N --delta D [--json]
+      ε of DP-SGD / DP-FedAvg by the RDP accountant (as Opacus), or the σ that meets a target ε
+  lora-gateway fed-client --redis URL --client-id ID --data PATH --model DIR [--federation-prefix P] [--poison scale:K]
       one federation client: trains on its own text (.txt, folder, or .jsonl with "text"), uploads only LoRA updates
 
 Engine options (also LORA_GATEWAY_BACKEND, LORA_GATEWAY_MAX_LORA_RANK, LORA_GATEWAY_LORA_STRATEGY):
@@ -76,6 +79,7 @@ const OPTIONS = {
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
   'lora-strategy': { type: 'string' },
+  poison: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const;
 
@@ -195,10 +199,13 @@ async function fedClient(flags: Flags, config: EngineConfig): Promise<void> {
     dataPath: flags.data!,
     log: logToStderr,
     tty: process.stderr.isTTY === true,
+    poison: flags.poison,
   });
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // its own options (no engine, no model): parsed apart from the rest
+  if (argv[0] === 'privacy-epsilon') return privacyEpsilon(argv.slice(1), (s) => process.stdout.write(s), (s) => process.stderr.write(s));
   let parsed;
   try {
     parsed = parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });

@@ -32,6 +32,11 @@ export interface ClientWorkerOptions {
   onStep?: (task: TrainTask, step: number, steps: number, loss: number) => void;
   /** A task ended (trained and uploaded, or failed). */
   onTaskEnd?: (task: TrainTask, outcome: { ref?: UpdateRef; error?: string }) => void;
+  /**
+   * Test mode for robust aggregation: upload a corrupted update, its change from the round's
+   * global multiplied by `scale` (100: a scaled attack, −1: a sign flip). Never for real use.
+   */
+  poison?: { scale: number };
 }
 
 /** Progress is written to the BullMQ job at most this often (each write is a Redis round trip). */
@@ -174,7 +179,8 @@ export class FedClientWorker {
       },
     });
     const meta = { job: task.job, round: task.round, client: task.client, method: task.method, numExamples: result.numExamples, trainLoss: result.trainLoss };
-    return { bytes: encodeUpdate(meta, result.factors), numExamples: result.numExamples, trainLoss: result.trainLoss };
+    const factors = this.opts.poison ? poisoned(result.factors, global, task.method, this.opts.poison.scale) : result.factors;
+    return { bytes: encodeUpdate(meta, factors), numExamples: result.numExamples, trainLoss: result.trainLoss };
   }
 
   /** Fed-SB's initialisation round: the mean gradient of the loss w.r.t. each target module's full weight. */
@@ -209,4 +215,19 @@ export class FedClientWorker {
   private log(line: string): void {
     this.opts.log?.(line);
   }
+}
+
+/**
+ * The `--poison scale:K` test mode: every trained factor moved K times as far from the round's
+ * global as training moved it (flora: B, whose global start is 0, times K).
+ */
+function poisoned(factors: FactorSet, global: FactorSet, method: TrainTask['method'], k: number): FactorSet {
+  const out: FactorSet = new Map();
+  for (const [path, m] of factors) {
+    const g = global.get(path);
+    const move = (x: Float32Array | undefined, from: Float32Array | undefined) => x && Float32Array.from(x, (v, i) => (from ? from[i] : 0) + k * (v - (from ? from[i] : 0)));
+    if (method === 'flora') out.set(path, { ...m, b: move(m.b, undefined) });
+    else out.set(path, { ...m, a: method === 'fedavg' ? move(m.a, g?.a) : m.a, b: move(m.b, g?.b), r: move(m.r, g?.r) });
+  }
+  return out;
 }

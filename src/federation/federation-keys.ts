@@ -47,6 +47,11 @@ export class FederationKeys {
     return `${this.prefix}:fed:kept:${job}:${round}:${client}`;
   }
 
+  /** A DP job's 32-byte noise key: server-side only, never in the job record or any response. */
+  noiseKey(job: string): string {
+    return `${this.prefix}:fed:noise-key:${job}`;
+  }
+
   clients(): string {
     return `${this.prefix}:fed:clients`;
   }

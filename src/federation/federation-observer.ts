@@ -12,8 +12,8 @@ export type RoundPhase = 'training' | 'aggregation' | 'publishing';
 export const ROUND_PHASES: readonly RoundPhase[] = ['training', 'aggregation', 'publishing'];
 
 /** A federation job's state, as the jobs-by-state gauge counts them. */
-export type FederationJobState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled';
-export const FEDERATION_JOB_STATES: readonly FederationJobState[] = ['queued', 'running', 'completed', 'failed', 'cancelled'];
+export type FederationJobState = 'queued' | 'running' | 'completed' | 'stopped' | 'failed' | 'cancelled';
+export const FEDERATION_JOB_STATES: readonly FederationJobState[] = ['queued', 'running', 'completed', 'stopped', 'failed', 'cancelled'];
 
 /**
  * Why a client's update was rejected: the reasons UpdateRejectedError carries (src/errors.ts),

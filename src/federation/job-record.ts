@@ -1,9 +1,12 @@
 import type { Redis } from 'ioredis';
 import type { FederationKeys } from './federation-keys.js';
 import type { JobSpec } from './job-spec.js';
+import type { MechanismSteps } from './privacy/rdp-accountant.js';
+import type { RuleStats } from './aggregators/ruled-aggregate.js';
 
-export type JobState = 'queued' | 'running' | 'completed' | 'failed' | 'cancelled';
-export const JOB_STATES: readonly JobState[] = ['queued', 'running', 'completed', 'failed', 'cancelled'];
+/** `stopped`: ended before its rounds were done because the next round would cross dp.target_epsilon. */
+export type JobState = 'queued' | 'running' | 'completed' | 'stopped' | 'failed' | 'cancelled';
+export const JOB_STATES: readonly JobState[] = ['queued', 'running', 'completed', 'stopped', 'failed', 'cancelled'];
 
 /**
  * A selected client's part in one round attempt:
@@ -53,6 +56,12 @@ export interface RoundRecord {
   keptFraction?: number;
   /** Rank of the published adapter. */
   rank?: number;
+  /** dp jobs: this round's client sampling rate q (clients_per_round / compatible live clients, 1 for a fixed list). */
+  sampleRate?: number;
+  /** dp jobs: m, the clients sampled this round (DP-FedAvg's fixed denominator). */
+  dpDenominator?: number;
+  /** Robust / DP bookkeeping: each update's norm, who was bounded, clipped or selected, the noise std. */
+  rules?: RuleStats;
   error?: { code: string; message: string };
 }
 
@@ -73,6 +82,27 @@ export interface JobRecord {
   error?: { code: string; message: string };
   /** Adapter versions this job published, in order. */
   versions: number[];
+  /** dp jobs: the privacy plan and what the published rounds spent. */
+  privacy?: JobPrivacy;
+  /** Why a `stopped` job stopped. */
+  stopReason?: { code: string; message: string };
+}
+
+/** A DP job's accounting (client level: one step of the subsampled Gaussian mechanism per published round). */
+export interface JobPrivacy {
+  level: 'client';
+  noise_multiplier: number;
+  clip_norm: number;
+  delta: number;
+  target_epsilon?: number;
+  /** The sampling rate the plan assumed at submission, and the ε of all planned rounds at it. */
+  planned_sample_rate: number;
+  planned_epsilon: number;
+  /** Published rounds as (σ, q, steps) stretches. */
+  history: MechanismSteps[];
+  /** ε after the published rounds (0 before the first), at δ. */
+  epsilon: number;
+  order?: number;
 }
 
 /** Job records as JSON strings in Redis, one key each, listed by a sorted set of creation times. */

@@ -51,6 +51,32 @@ const jobSpecSchema = z
       .default({}),
     seed: z.number().int().min(0).max(2 ** 31 - 1).default(0),
     fedsb: z.object({ init: z.enum(['gradient', 'random']).default('gradient') }).strict().optional(),
+    /** Differential privacy (README, "Differential privacy"). */
+    dp: z
+      .object({
+        level: z.enum(['client', 'sample']),
+        clip_norm: z.number().positive(),
+        /** σ: noise std / clip_norm. Omitted: the smallest σ that meets target_epsilon. */
+        noise_multiplier: z.number().min(0).max(1e6).optional(),
+        delta: z.number().gt(0).lt(1).default(1e-5),
+        target_epsilon: z.number().positive().optional(),
+      })
+      .strict()
+      .optional(),
+    /** Robust aggregation: a norm bound on every update and/or one combine rule. */
+    robust: z
+      .object({
+        norm_bound: z.number().positive().optional(),
+        rule: z.enum(['trimmed_mean', 'median', 'krum']).optional(),
+        /** trimmed_mean: the share cut from each end, 0 ≤ β < 0.5. */
+        beta: z.number().min(0).lt(0.5).optional(),
+        /** krum: the Byzantine clients tolerated. */
+        f: z.number().int().min(0).optional(),
+        /** krum: the updates kept (1 = Krum, more = multi-Krum). */
+        m: z.number().int().min(1).optional(),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 
@@ -62,6 +88,9 @@ export interface JobSpec extends Omit<RawJobSpec, 'method' | 'min_clients' | 'fe
   min_clients: number;
   fedsb: { init: 'gradient' | 'random' };
 }
+
+export type DpSpec = NonNullable<RawJobSpec['dp']>;
+export type RobustSpec = NonNullable<RawJobSpec['robust']>;
 
 function fail(code: ConstructorParameters<typeof FederationError>[0], message: string): never {
   throw new FederationError(code, message);
@@ -112,9 +141,50 @@ export function parseJobSpec(input: unknown, model: ModelConfig, maxLoraRank: nu
   for (const r of typeof raw.lora.r === 'number' ? [raw.lora.r] : Object.values(raw.lora.r)) {
     if (r > maxLoraRank) fail('FED_RANK_TOO_LARGE', `job spec: lora.r ${r} exceeds the configured maximum rank ${maxLoraRank} (--max-lora-rank)`);
   }
-  const spec: JobSpec = { ...raw, method, min_clients: minClients, fedsb: { init: raw.fedsb?.init ?? 'gradient' } };
+  const fedsbInit = raw.fedsb?.init ?? 'gradient';
+  if (raw.dp) checkDp(raw.dp, method, fedsbInit, raw.robust);
+  if (raw.robust) checkRobust(raw.robust, method, minClients);
+  const spec: JobSpec = { ...raw, method, min_clients: minClients, fedsb: { init: fedsbInit } };
   jobModules(spec, model); // target modules must exist in this model
   return spec;
+}
+
+function checkDp(dp: DpSpec, method: FedMethod, fedsbInit: string, robust: RobustSpec | undefined): void {
+  if (dp.level === 'sample') {
+    fail('FED_DP_UNSUPPORTED', 'job spec: dp.level "sample" (DP-SGD on every client) is not available yet; use dp.level "client" (DP-FedAvg)');
+  }
+  if (dp.noise_multiplier === undefined && dp.target_epsilon === undefined) {
+    fail('FED_DP_INVALID', 'job spec: dp needs noise_multiplier, or target_epsilon to choose it');
+  }
+  if (method === 'fedsb' && fedsbInit === 'gradient') {
+    fail(
+      'FED_DP_UNSUPPORTED',
+      'job spec: fedsb\'s gradient initialisation uploads every client\'s full-weight gradient without noise, which a DP job cannot allow; give fedsb: { "init": "random" }',
+    );
+  }
+  if (robust?.rule) {
+    fail('FED_DP_UNSUPPORTED', `job spec: robust.rule "${robust.rule}" cannot be combined with dp: DP-FedAvg's noise is calibrated to a clipped sum over a fixed number of clients (robust.norm_bound can be)`);
+  }
+}
+
+function checkRobust(robust: RobustSpec, method: FedMethod, minClients: number): void {
+  const rule = robust.rule;
+  if (robust.norm_bound === undefined && !rule) fail('FED_JOB_INVALID', 'job spec: robust needs norm_bound and/or rule');
+  if ((rule === 'trimmed_mean' || rule === 'median') && method !== 'ffa' && method !== 'fedsb') {
+    fail(
+      'FED_ROBUST_UNSUPPORTED',
+      `job spec: robust.rule "${rule}" is coordinate-wise: it needs every client's factor in one basis (ffa's B, fedsb's R), and ${method}'s factors are not comparable coordinate by coordinate (use krum or norm_bound)`,
+    );
+  }
+  if (robust.beta !== undefined && rule !== 'trimmed_mean') fail('FED_JOB_INVALID', 'job spec: robust.beta belongs to rule "trimmed_mean"');
+  if ((robust.f !== undefined || robust.m !== undefined) && rule !== 'krum') fail('FED_JOB_INVALID', 'job spec: robust.f and robust.m belong to rule "krum"');
+  if (rule === 'krum') {
+    const f = robust.f ?? 1;
+    const m = robust.m ?? 1;
+    // Krum's guarantee needs n > 2f + 2 updates; every aggregated round has at least min_clients
+    if (minClients < 2 * f + 3) fail('FED_ROBUST_UNSUPPORTED', `job spec: krum with f = ${f} needs min_clients ≥ ${2 * f + 3} (n > 2f + 2), got ${minClients}`);
+    if (m > minClients - f) fail('FED_ROBUST_UNSUPPORTED', `job spec: krum keeps m = ${m} updates, more than min_clients − f = ${minClients - f}`);
+  }
 }
 
 /** The rank a client trains with (flora may give each client its own). */

@@ -7,6 +7,7 @@ import { aggregateFedsb } from './aggregators/fedsb.js';
 import { aggregateFfa } from './aggregators/ffa.js';
 import { aggregateFlora } from './aggregators/flora.js';
 import type { ClientUpdate } from './aggregators/client-update.js';
+import { ruledAverage, ruledFlora, type ClientDpRule, type RobustRule, type RuleStats } from './aggregators/ruled-aggregate.js';
 import { toServedAdapter } from './aggregators/served-adapter.js';
 import type { FactorSet, FedMethod } from './lora-factors.js';
 
@@ -18,6 +19,10 @@ export interface MethodAggregateInput {
   previous: FactorSet;
   /** Accepted updates; `scale` is the client's LoRA scale (FLoRA folds it into the stack). */
   updates: (ClientUpdate & { scale: number })[];
+  /** Robust aggregation (job spec `robust`). */
+  robust?: RobustRule;
+  /** Client-level differential privacy (job spec `dp`, level `client`). */
+  dp?: ClientDpRule;
 }
 
 export interface MethodAggregateResult {
@@ -25,11 +30,19 @@ export interface MethodAggregateResult {
   next: FactorSet;
   /** The PEFT files to publish. */
   served: { config: Buffer; weights: Buffer };
-  stats: { aggregationError?: number; keptFraction?: number; rank: number };
+  stats: { aggregationError?: number; keptFraction?: number; rank: number; rules?: RuleStats };
 }
 
 /** The method's aggregate: the next global state, the PEFT files to serve, round statistics. */
-export function aggregateMethod({ method, lora, maxLoraRank, previous, updates }: MethodAggregateInput): MethodAggregateResult {
+export function aggregateMethod({ method, lora, maxLoraRank, previous, updates, robust, dp }: MethodAggregateInput): MethodAggregateResult {
+  if (robust || dp) {
+    if (method === 'flora') {
+      const { global, keptFraction, rank, stats } = ruledFlora(previous.size > 0 ? previous : undefined, updates, maxLoraRank, robust, dp);
+      return { next: global, served: toServedAdapter('flora', global, lora), stats: { keptFraction, rank, rules: stats } };
+    }
+    const { next, stats } = ruledAverage(method, previous, updates, robust, dp);
+    return { next, served: toServedAdapter(method, next, lora), stats: { rank: lora.r, rules: stats } };
+  }
   if (method === 'fedavg') {
     const { global, relativeError } = aggregateFedavg(previous, updates);
     return { next: global, served: toServedAdapter('fedavg', global, lora), stats: { aggregationError: relativeError, rank: lora.r } };

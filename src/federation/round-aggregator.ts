@@ -1,12 +1,14 @@
 import type { Redis } from 'ioredis';
-import { UpdateRejectedError } from '../errors.js';
+import { FederationError, UpdateRejectedError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { fedsbGradientInit, fedsbRandomInit } from './aggregators/fedsb-init.js';
 import { weightedSum } from './aggregators/client-update.js';
 import type { FederationKeys } from './federation-keys.js';
 import { decodeGradients } from './gradient-codec.js';
-import { aggregateOffThread } from './method-aggregate.js';
-import type { JobRecord, RoundRecord } from './job-record.js';
+import { aggregateOffThread, type MethodAggregateInput } from './method-aggregate.js';
+import { accountRound } from './privacy/privacy-plan.js';
+import { clientTrainingSeed } from './train-task.js';
+import type { JobPrivacy, JobRecord, RoundRecord } from './job-record.js';
 import { clientRank, jobModules, type JobSpec } from './job-spec.js';
 import type { FactorSet } from './lora-factors.js';
 import { initialLoraFactors, loraScale, seededLoraA } from './lora-init.js';
@@ -88,11 +90,12 @@ export class RoundAggregator {
 
     const previous = await this.global(rec, cur.round);
     const lora = { alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, r: typeof spec.lora.r === 'number' ? spec.lora.r : 0 };
-    const { next, served, stats } = await aggregateOffThread({ method: spec.method, lora, maxLoraRank: this.o.maxLoraRank, previous, updates });
+    const { next, served, stats } = await aggregateOffThread({ method: spec.method, lora, maxLoraRank: this.o.maxLoraRank, previous, updates, ...(await this.rules(rec, cur, updates)) });
     const aggregationSeconds = (Date.now() - t0) / 1000;
     const t1 = Date.now();
     const examples = this.recordParticipants(cur, updates);
     Object.assign(cur, stats);
+    const privacyAfter = rec.privacy ? accountRound(rec.privacy, cur.sampleRate ?? 1) : undefined;
 
     // the next round's starting point, then the kept updates, then the version: each step is
     // idempotent, so a crash anywhere in here is repaired by running it again
@@ -109,13 +112,38 @@ export class RoundAggregator {
       mean_train_loss: cur.meanTrainLoss,
       ...(stats.aggregationError !== undefined ? { aggregation_error: stats.aggregationError } : {}),
       ...(stats.keptFraction !== undefined ? { kept_fraction: stats.keptFraction } : {}),
+      ...(spec.robust ? { robust: spec.robust } : {}),
+      ...(privacyAfter ? { privacy: privacyProvenance(privacyAfter, cur) } : {}),
     };
     const existing = await this.o.publisher.findAdapterVersion(spec.target_adapter_id, (r) => r.provenance?.job === rec.id && r.provenance?.round === cur.round);
     const record = existing ?? (await this.o.publisher.putAdapter(spec.target_adapter_id, served, { provenance }));
     cur.publishedVersion = record.version;
     cur.state = 'published';
+    // spent once the version exists (a crash before the record is saved re-accounts from the same history)
+    if (privacyAfter) rec.privacy = privacyAfter;
     cur.timings = { trainingSeconds, aggregationSeconds, publishingSeconds: (Date.now() - t1) / 1000 };
     return 'published';
+  }
+
+  /** The job's robust and DP rules for the aggregation worker (the noise key read from Redis). */
+  private async rules(rec: JobRecord, cur: RoundRecord, updates: { client: string }[]): Promise<Pick<MethodAggregateInput, 'robust' | 'dp'>> {
+    const spec = rec.spec;
+    const robust = spec.robust ? { normBound: spec.robust.norm_bound, rule: spec.robust.rule, beta: spec.robust.beta, f: spec.robust.f, m: spec.robust.m } : undefined;
+    if (!rec.privacy) return { robust };
+    const key = await this.o.redis.getBuffer(this.o.keys.noiseKey(rec.id));
+    if (!key || key.length !== 32) throw new FederationError('FED_DP_INVALID', `the noise key of DP job ${rec.id} is missing`);
+    const floraSeeds = spec.method === 'flora' ? Object.fromEntries(updates.map((u) => [u.client, clientTrainingSeed(spec.seed, cur.round, cur.attempt, u.client)])) : undefined;
+    return {
+      robust,
+      dp: {
+        clipNorm: rec.privacy.clip_norm,
+        noiseMultiplier: rec.privacy.noise_multiplier,
+        denominator: cur.dpDenominator ?? updates.length,
+        noiseKey: new Uint8Array(key),
+        label: `${rec.id}/${cur.round}/${cur.attempt}`,
+        ...(floraSeeds ? { floraSeeds } : {}),
+      },
+    };
   }
 
   /**
@@ -185,6 +213,21 @@ export class RoundAggregator {
   keptUpdate(job: string, round: number, client: string): Promise<Buffer | null> {
     return this.o.redis.getBuffer(this.o.keys.kept(job, round, client));
   }
+}
+
+/** What a DP version's manifest records of the privacy spent up to and including it. */
+function privacyProvenance(privacy: JobPrivacy, cur: RoundRecord): Record<string, unknown> {
+  return {
+    level: privacy.level,
+    epsilon: privacy.epsilon,
+    delta: privacy.delta,
+    order: privacy.order,
+    noise_multiplier: privacy.noise_multiplier,
+    clip_norm: privacy.clip_norm,
+    sample_rate: cur.sampleRate ?? 1,
+    rounds_accounted: privacy.history.reduce((s, h) => s + h.steps, 0),
+    accountant: 'RDP of the subsampled Gaussian mechanism (Opacus orders), Balle et al. 2020 conversion',
+  };
 }
 
 /** FFA-LoRA's global state carries only B: every client derives A from the seed. */

@@ -10,6 +10,7 @@ import type { FederationObserver } from './federation-observer.js';
 import { FederationKeys, roundJobId, trainJobId } from './federation-keys.js';
 import { JobStore, type JobRecord, type RoundRecord } from './job-record.js';
 import { parseJobSpec, type JobSpec } from './job-spec.js';
+import { epsilonAfterRound, planPrivacy, roundSampleRate } from './privacy/privacy-plan.js';
 import { RoundAggregator } from './round-aggregator.js';
 import { roundTasks } from './train-task.js';
 import { collectUpdates, liveClientStatus } from './update-collector.js';
@@ -95,8 +96,12 @@ export class RoundCoordinator {
 
   async submit(input: unknown): Promise<JobRecord> {
     const spec = parseJobSpec(input, this.opts.model, this.opts.maxLoraRank);
+    // a DP job's plan (σ, planned ε) at today's sampling rate; refused when it overspends
+    const privacy = spec.dp ? planPrivacy(spec, await this.compatibleClients()) : undefined;
     const now = Date.now();
-    const rec: JobRecord = { id: `fj-${randomBytes(6).toString('hex')}`, spec, state: 'queued', createdAt: now, updatedAt: now, roundsDone: 0, history: [], versions: [] };
+    const rec: JobRecord = { id: `fj-${randomBytes(6).toString('hex')}`, spec, state: 'queued', createdAt: now, updatedAt: now, roundsDone: 0, history: [], versions: [], ...(privacy ? { privacy } : {}) };
+    // the noise key lives under its own key, never in the record the routes return
+    if (privacy) await this.redis.set(this.keys.noiseKey(rec.id), randomBytes(32));
     await this.jobs.save(rec);
     this.log(`federation job ${rec.id}: ${spec.method} → adapter '${spec.target_adapter_id}', ${spec.rounds} round(s)`);
     await this.control.add('start', { kind: 'start', job: rec.id, round: this.firstRound(spec), attempt: 1 }, { jobId: `start.${roundJobId(rec.id, this.firstRound(spec), 1)}` });
@@ -134,6 +139,11 @@ export class RoundCoordinator {
       this.log(`federation job ${id}: cancelled`);
       return rec;
     });
+  }
+
+  /** Live clients whose base model is the server's (the population a DP job samples from). */
+  private async compatibleClients(): Promise<number> {
+    return (await this.registry.live()).filter((c) => c.fingerprint === this.opts.fingerprint).length;
   }
 
   async clients(): Promise<(ClientHeartbeat & { compatible: boolean })[]> {
@@ -216,6 +226,7 @@ export class RoundCoordinator {
       }
       if (round !== this.nextRound(rec)) return;
       const now = Date.now();
+      const live = await this.registry.live();
       const current: RoundRecord = {
         round,
         attempt,
@@ -223,8 +234,27 @@ export class RoundCoordinator {
         state: 'training',
         startedAt: now,
         deadlineAt: now + rec.spec.round_timeout_ms,
-        clients: selectClients(rec.spec, await this.registry.live(), this.opts.fingerprint, round, attempt),
+        clients: selectClients(rec.spec, live, this.opts.fingerprint, round, attempt),
       };
+      if (rec.privacy && current.kind === 'train') {
+        const q = roundSampleRate(rec.spec, live.filter((c) => c.fingerprint === this.opts.fingerprint).length);
+        const target = rec.privacy.target_epsilon;
+        const after = epsilonAfterRound(rec.privacy, q);
+        if (target !== undefined && after.epsilon > target) {
+          // stop before the round that would cross the budget: nothing of it is trained or released
+          rec.state = 'stopped';
+          rec.stopReason = {
+            code: 'privacy_budget_exhausted',
+            message: `round ${round} at sample rate ${q.toPrecision(6)} would bring ε from ${rec.privacy.epsilon.toPrecision(6)} to ${after.epsilon.toPrecision(6)}, past target_epsilon ${target} (δ = ${rec.privacy.delta})`,
+          };
+          await this.jobs.save(rec);
+          await this.stopSchedule(rec);
+          this.log(`federation job ${id}: stopped, ${rec.stopReason.message}`);
+          return;
+        }
+        current.sampleRate = q;
+        current.dpDenominator = rec.spec.clients ? rec.spec.clients.length : Math.max(1, current.clients.filter((c) => c.status !== 'dropped').length);
+      }
       await this.aggregator.ensureGlobal(rec, round);
       rec.current = current;
       rec.state = 'running';

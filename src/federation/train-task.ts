@@ -53,6 +53,11 @@ export interface TrainProgress {
 /** Updates wait for the coordinator this long in Redis; a day covers any sane round timeout. */
 const UPDATE_TTL_MS = 24 * 3600 * 1000;
 
+/** A different seed per client, round and attempt: batch order and fresh factors differ. */
+export function clientTrainingSeed(jobSeed: number, round: number, attempt: number, client: string): number {
+  return (jobSeed * 31 + round * 1009 + attempt * 17 + fnv1a(client)) >>> 0;
+}
+
 /** The task of every selected client of a round attempt (dropped clients get none). */
 export function roundTasks(rec: JobRecord, round: RoundRecord, keys: FederationKeys, fingerprint: string): TrainTask[] {
   const spec = rec.spec;
@@ -70,8 +75,7 @@ export function roundTasks(rec: JobRecord, round: RoundRecord, keys: FederationK
       updateKey: keys.update(rec.id, round.round, round.attempt, c.client),
       updateTtlMs: UPDATE_TTL_MS,
       jobSeed: spec.seed,
-      // a different seed per client, round and attempt: batch order and fresh factors differ
-      seed: (spec.seed * 31 + round.round * 1009 + round.attempt * 17 + fnv1a(c.client)) >>> 0,
+      seed: clientTrainingSeed(spec.seed, round.round, round.attempt, c.client),
       lora: { rank: clientRank(spec, c.client), alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, targetModules: spec.lora.target_modules },
       local: { steps: spec.local.steps, epochs: spec.local.epochs, batchSize: spec.local.batch_size, lr: spec.local.lr, seqLen: spec.local.seq_len },
     }));

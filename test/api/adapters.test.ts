@@ -179,7 +179,7 @@ describe('adapter management over HTTP', () => {
   test('every series the Grafana dashboard queries is exported, the Federation row once federation metrics share the registry', async () => {
     // wired as `serve` does it: FederationMetrics on the gateway metrics' registry, one /metrics
     const metrics = new GatewayMetrics(fx.gateway);
-    new FederationMetrics(metrics.registry, { jobsByState: () => ({ queued: 0, running: 1, completed: 0, failed: 0, cancelled: 0 }), liveClients: () => 2 });
+    new FederationMetrics(metrics.registry, { jobsByState: () => ({ queued: 0, running: 1, completed: 0, stopped: 0, failed: 0, cancelled: 0 }), liveClients: () => 2 });
     const app = await buildApp({ engine: fx.gateway, metrics });
     const text = (await app.inject({ method: 'GET', url: '/metrics' })).body;
     await app.close();

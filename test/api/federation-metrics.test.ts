@@ -11,7 +11,7 @@ let fx: GatewayFixture;
 let app: FastifyInstance;
 let federation: FederationMetrics;
 /** What the gauge callbacks answer; `down` makes them fail as an unreachable queue would. */
-const sources = { jobs: { queued: 2, running: 1, completed: 5, failed: 1, cancelled: 0 } as JobCounts, live: 3, down: false };
+const sources = { jobs: { queued: 2, running: 1, completed: 5, stopped: 0, failed: 1, cancelled: 0 } as JobCounts, live: 3, down: false };
 
 before(async () => {
   fx = await startGateway(0);
@@ -83,7 +83,7 @@ describe('federation metrics on /metrics', () => {
     federation.updateRejected('');
     federation.updateLate();
     federation.updateLate();
-    sources.jobs = { queued: 0, running: 2, completed: 6, failed: 1, cancelled: 1 };
+    sources.jobs = { queued: 0, running: 2, completed: 6, stopped: 0, failed: 1, cancelled: 1 };
     sources.live = 7;
     const text = await scrape();
 
@@ -130,7 +130,7 @@ describe('federation metrics on /metrics', () => {
       phase: new Set(['training', 'aggregation', 'publishing']),
       result: new Set(['accepted', 'rejected', 'late']),
       reason: new Set(UPDATE_REJECT_REASONS),
-      state: new Set(['queued', 'running', 'completed', 'failed', 'cancelled']),
+      state: new Set(['queued', 'running', 'completed', 'stopped', 'failed', 'cancelled']),
     };
     const lines = text.split('\n').filter((l) => l.startsWith('lora_gateway_federation_'));
     assert.ok(lines.length > 50);

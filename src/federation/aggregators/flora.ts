@@ -29,11 +29,13 @@ export interface FloraResult {
  *   B·A = B_prev·A_prev + Σ_k p_k s_k B_k A_k
  * exactly: the p-weighted sum of the clients' ΔW on top of the previous global. Clients'
  * ranks may differ. A module whose stacked rank passes `maxRank` is replaced by its best
- * rank-maxRank approximation (truncateLowRank, from the factors only).
+ * rank-maxRank approximation (truncateLowRank, from the factors only). `weights` replace the
+ * example shares p_k when given.
  */
-export function aggregateFlora(previous: FactorSet | undefined, updates: readonly FloraClientUpdate[], maxRank: number): FloraResult {
+export function aggregateFlora(previous: FactorSet | undefined, updates: readonly FloraClientUpdate[], maxRank: number, weights?: readonly number[]): FloraResult {
   if (!Number.isSafeInteger(maxRank) || maxRank <= 0) throw new FederationError('FED_JOB_INVALID', `maxRank ${maxRank} is not a positive integer`);
-  const p = exampleWeights(updates);
+  // p_k: example shares, or the caller's (DP-FedAvg's fixed 1/m)
+  const p = weights ?? exampleWeights(updates);
   for (const u of updates) {
     if (!Number.isFinite(u.scale)) throw new FederationError('FED_JOB_INVALID', `client '${u.client}': LoRA scale ${u.scale} is not finite`);
   }

@@ -1,6 +1,7 @@
 import type { FastifyPluginAsync, FastifyReply } from 'fastify';
 import { FederationError, RequestError } from '../errors.js';
-import type { JobRecord, RoundRecord } from '../federation/job-record.js';
+import type { JobPrivacy, JobRecord, RoundRecord } from '../federation/job-record.js';
+import type { MechanismSteps } from '../federation/privacy/rdp-accountant.js';
 import type { RoundCoordinator } from '../federation/round-coordinator.js';
 
 /** snake_case view of a round record, as the OpenAI-style API speaks. */
@@ -37,6 +38,16 @@ function roundJson(r: RoundRecord) {
   };
 }
 
+const stepsJson = (h: MechanismSteps[]) => h.map((x) => ({ noise_multiplier: x.noiseMultiplier, sample_rate: x.sampleRate, steps: x.steps }));
+
+function privacyJson(p: JobPrivacy) {
+  return {
+    ...p,
+    history: stepsJson(p.history),
+    ...(p.clients ? { clients: Object.fromEntries(Object.entries(p.clients).map(([c, v]) => [c, { ...v, history: stepsJson(v.history) }])) } : {}),
+  };
+}
+
 export function jobJson(j: JobRecord) {
   return {
     id: j.id,
@@ -53,7 +64,7 @@ export function jobJson(j: JobRecord) {
     current_round: j.current ? roundJson(j.current) : null,
     history: j.history.map(roundJson),
     error: j.error ?? null,
-    ...(j.privacy ? { privacy: { ...j.privacy, history: j.privacy.history.map((h) => ({ noise_multiplier: h.noiseMultiplier, sample_rate: h.sampleRate, steps: h.steps })) } } : {}),
+    ...(j.privacy ? { privacy: privacyJson(j.privacy) } : {}),
     ...(j.stopReason ? { stop_reason: j.stopReason } : {}),
   };
 }

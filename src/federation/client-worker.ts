@@ -11,8 +11,9 @@ import { ClientRegistry, type ClientHeartbeat } from './client-registry.js';
 import { FederationKeys } from './federation-keys.js';
 import { CLIENT_ID_RE } from './job-spec.js';
 import { encodeGradients } from './gradient-codec.js';
-import { fullWeightGradients, meanLoss, trainLocal } from './local-trainer.js';
+import { fullWeightGradients, localSteps, meanLoss, trainLocal } from './local-trainer.js';
 import { moduleSpecsFor, seededLoraA } from './lora-init.js';
+import { epsilonOf } from './privacy/rdp-accountant.js';
 import type { FactorSet, ModuleFactors } from './lora-factors.js';
 import type { TrainTask, UpdateRef } from './train-task.js';
 import { readClientTexts, seededPermutation, tokenWindows } from './training-data.js';
@@ -152,9 +153,11 @@ export class FedClientWorker {
 
   /** Local LoRA training from the round's global state; the update holds only what the method trains. */
   private async train(job: Job<TrainTask>, task: TrainTask, windows: Int32Array[], modules: ModuleFactors[]): Promise<{ bytes: Buffer; numExamples: number; trainLoss: number }> {
+    if (task.dp) this.checkBudget(task, windows.length);
     const global = await this.global(task);
     let lastProgress = 0;
     const result = await trainLocal(this.model, windows, {
+      ...(task.dp ? { dp: { clipNorm: task.dp.clipNorm, noiseMultiplier: task.dp.noiseMultiplier } } : {}),
       method: task.method,
       modules,
       global,
@@ -193,6 +196,21 @@ export class FedClientWorker {
     const trainLoss = await meanLoss(this.model, sample, null, task.local.batchSize);
     const meta = { job: task.job, round: task.round, client: task.client, numExamples: sample.length, trainLoss };
     return { bytes: encodeGradients(meta, grads, modules), numExamples: sample.length, trainLoss };
+  }
+
+  /**
+   * Sample-level DP: the data owner's own check that this round's DP-SGD (q = batch / n, the
+   * trainer's step count) keeps its ε within the job's target; refuses the task otherwise.
+   */
+  private checkBudget(task: TrainTask, n: number): void {
+    const dp = task.dp!;
+    if (dp.targetEpsilon === undefined) return;
+    const sampleRate = Math.min(1, task.local.batchSize / n);
+    const steps = localSteps(task.local, n);
+    const { epsilon } = epsilonOf([...dp.prior, { noiseMultiplier: dp.noiseMultiplier, sampleRate, steps }], dp.delta);
+    if (epsilon > dp.targetEpsilon) {
+      throw new UnrecoverableError(`privacy_budget_exhausted: this round (${steps} DP-SGD steps at q = ${sampleRate.toPrecision(4)}) would take client '${task.client}' to ε = ${epsilon.toPrecision(6)}, past target_epsilon ${dp.targetEpsilon}`);
+    }
   }
 
   /** The round's starting point; FFA-LoRA's frozen A is derived here from the job seed, never sent. */

@@ -88,21 +88,27 @@ export interface JobRecord {
   stopReason?: { code: string; message: string };
 }
 
-/** A DP job's accounting (client level: one step of the subsampled Gaussian mechanism per published round). */
+/**
+ * A DP job's accounting. Client level: one step of the subsampled Gaussian mechanism per
+ * published round, q = clients sampled / compatible clients. Sample level: each client's own
+ * DP-SGD steps (q_k = batch_size / n_k, local steps per round), ε per client.
+ */
 export interface JobPrivacy {
-  level: 'client';
+  level: 'client' | 'sample';
   noise_multiplier: number;
   clip_norm: number;
   delta: number;
   target_epsilon?: number;
-  /** The sampling rate the plan assumed at submission, and the ε of all planned rounds at it. */
-  planned_sample_rate: number;
-  planned_epsilon: number;
-  /** Published rounds as (σ, q, steps) stretches. */
+  /** Client level: the sampling rate the plan assumed at submission, and the ε of all planned rounds at it. */
+  planned_sample_rate?: number;
+  planned_epsilon?: number;
+  /** Client level: published rounds as (σ, q, steps) stretches. */
   history: MechanismSteps[];
-  /** ε after the published rounds (0 before the first), at δ. */
+  /** ε after the published rounds (0 before the first), at δ; sample level: the largest client's. */
   epsilon: number;
   order?: number;
+  /** Sample level: each client's DP-SGD steps, its ε, and its examples when it last took part. */
+  clients?: Record<string, { history: MechanismSteps[]; epsilon: number; order?: number; examples: number }>;
 }
 
 /** Job records as JSON strings in Redis, one key each, listed by a sorted set of creation times. */

@@ -150,8 +150,9 @@ export function parseJobSpec(input: unknown, model: ModelConfig, maxLoraRank: nu
 }
 
 function checkDp(dp: DpSpec, method: FedMethod, fedsbInit: string, robust: RobustSpec | undefined): void {
-  if (dp.level === 'sample') {
-    fail('FED_DP_UNSUPPORTED', 'job spec: dp.level "sample" (DP-SGD on every client) is not available yet; use dp.level "client" (DP-FedAvg)');
+  if (dp.level === 'sample' && dp.noise_multiplier === undefined) {
+    // σ from a target needs each client's n (q = batch_size / n), which only the clients know
+    fail('FED_DP_INVALID', 'job spec: dp.level "sample" needs noise_multiplier (the sampling rate, batch_size / local examples, differs per client)');
   }
   if (dp.noise_multiplier === undefined && dp.target_epsilon === undefined) {
     fail('FED_DP_INVALID', 'job spec: dp needs noise_multiplier, or target_epsilon to choose it');
@@ -162,7 +163,7 @@ function checkDp(dp: DpSpec, method: FedMethod, fedsbInit: string, robust: Robus
       'job spec: fedsb\'s gradient initialisation uploads every client\'s full-weight gradient without noise, which a DP job cannot allow; give fedsb: { "init": "random" }',
     );
   }
-  if (robust?.rule) {
+  if (robust?.rule && dp.level === 'client') {
     fail('FED_DP_UNSUPPORTED', `job spec: robust.rule "${robust.rule}" cannot be combined with dp: DP-FedAvg's noise is calibrated to a clipped sum over a fixed number of clients (robust.norm_bound can be)`);
   }
 }

@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import * as tf from '@tensorflow/tfjs-core';
 import { FederationError } from '../errors.js';
 import type { LlamaModel } from '../model/forward/llama-model.js';
@@ -6,6 +7,8 @@ import type { ProjectionName } from '../model/architecture/llama-weights.js';
 import { SeededRandom } from '../model/synthetic/seeded-random.js';
 import type { FactorSet, ModuleFactors } from './lora-factors.js';
 import { seededPermutation } from './training-data.js';
+import { GaussianNoise } from './aggregators/gaussian-noise.js';
+import { DpSgd } from './dp-sgd.js';
 import { TrainableLora, windowsLoss, type TrainableSpec } from './trainable-lora.js';
 
 /**
@@ -28,6 +31,8 @@ export interface LocalTrainingSpec extends TrainableSpec {
   lr: number;
   /** After each step (1-based), with that step's loss; awaited, so it may report progress over the network. */
   onStep?: (step: number, steps: number, loss: number) => void | Promise<void>;
+  /** Sample-level DP: DP-SGD (dp-sgd.ts) with q = batchSize / windows instead of shuffled batches. */
+  dp?: { clipNorm: number; noiseMultiplier: number };
 }
 
 export interface LocalTrainingResult {
@@ -38,6 +43,13 @@ export interface LocalTrainingResult {
   /** Mean loss of the last epoch's worth of steps (all steps when fewer than one epoch). */
   trainLoss: number;
   steps: number;
+  /** DP-SGD only: the sampling rate used, and how many per-window gradients were clipped. */
+  dp?: { sampleRate: number; clipped: number };
+}
+
+/** Local steps for n windows: `steps`, or ⌈epochs · ⌈n / batchSize⌉⌉ (one epoch by default); the server's accountant uses the same count. */
+export function localSteps(spec: Pick<LocalTrainingSpec, 'steps' | 'epochs' | 'batchSize'>, n: number): number {
+  return stepCount(spec, Math.ceil(n / spec.batchSize));
 }
 
 function jobInvalid(message: string): never {
@@ -58,7 +70,7 @@ function checkWindows(model: LlamaModel, windows: Int32Array[]): void {
   });
 }
 
-function stepCount(spec: LocalTrainingSpec, stepsPerEpoch: number): number {
+function stepCount(spec: Pick<LocalTrainingSpec, 'steps' | 'epochs'>, stepsPerEpoch: number): number {
   const { steps, epochs } = spec;
   if (steps !== undefined && epochs !== undefined) jobInvalid('give steps or epochs, not both');
   if (steps === undefined && epochs === undefined) return stepsPerEpoch;
@@ -100,27 +112,41 @@ export async function trainLocal(model: LlamaModel, windows: Int32Array[], spec:
   try {
     const vars = trainable.variables;
     const schedule = batchSchedule(windows.length, spec.batchSize, spec.seed);
+    const sampleRate = Math.min(1, spec.batchSize / windows.length);
+    const dp = spec.dp && new DpSgd({ ...spec.dp, sampleRate }, new GaussianNoise(randomBytes(32), 'dp-sgd'));
+    let clipped = 0;
     for (let step = 1; step <= steps; step++) {
-      const batch = schedule.next().value as number[];
-      const batchWindows = batch.map((i) => windows[i]);
-      // minimize: L(θ) on the tape, ∂L/∂θ for vars only, one Adam update; returns L before the update
-      const cost = optimizer.minimize(() => windowsLoss(model, batchWindows, trainable.adapter()), true, vars)!;
       let loss: number;
-      try {
-        loss = (await cost.data())[0];
-      } finally {
-        cost.dispose();
+      if (dp) {
+        // DP-SGD: Poisson batch, clipped per-window gradients, noise; Adam on the private gradient (post-processing)
+        const g = await dp.gradient(model, windows, dp.sample(windows.length), vars, () => trainable.adapter());
+        optimizer.applyGradients(vars.map((v, k) => ({ name: v.name, tensor: g.grads[k] })));
+        tf.dispose(g.grads);
+        loss = g.loss;
+        clipped += g.clipped;
+      } else {
+        const batch = schedule.next().value as number[];
+        const batchWindows = batch.map((i) => windows[i]);
+        // minimize: L(θ) on the tape, ∂L/∂θ for vars only, one Adam update; returns L before the update
+        const cost = optimizer.minimize(() => windowsLoss(model, batchWindows, trainable.adapter()), true, vars)!;
+        try {
+          loss = (await cost.data())[0];
+        } finally {
+          cost.dispose();
+        }
       }
-      if (!Number.isFinite(loss)) jobInvalid(`the training loss is ${loss} at step ${step} (learning rate ${spec.lr} too high?)`);
-      losses.push(loss);
-      await spec.onStep?.(step, steps, loss);
+      // (NaN: a DP-SGD step whose Poisson batch was empty)
+      if (!Number.isFinite(loss) && !(dp && Number.isNaN(loss))) jobInvalid(`the training loss is ${loss} at step ${step} (learning rate ${spec.lr} too high?)`);
+      if (!Number.isNaN(loss)) losses.push(loss);
+      await spec.onStep?.(step, steps, Number.isNaN(loss) ? (losses.at(-1) ?? NaN) : loss);
     }
-    const last = losses.slice(-Math.min(steps, stepsPerEpoch));
+    const last = losses.slice(-Math.min(losses.length, stepsPerEpoch));
     return {
       factors: await trainable.read(),
       numExamples: windows.length,
-      trainLoss: last.reduce((s, l) => s + l, 0) / last.length,
+      trainLoss: last.length ? last.reduce((s, l) => s + l, 0) / last.length : NaN,
       steps,
+      ...(dp ? { dp: { sampleRate, clipped } } : {}),
     };
   } finally {
     optimizer.dispose();

@@ -6,7 +6,7 @@ import { weightedSum } from './aggregators/client-update.js';
 import type { FederationKeys } from './federation-keys.js';
 import { decodeGradients } from './gradient-codec.js';
 import { aggregateOffThread, type MethodAggregateInput } from './method-aggregate.js';
-import { accountRound } from './privacy/privacy-plan.js';
+import { accountClients, accountRound } from './privacy/privacy-plan.js';
 import { clientTrainingSeed } from './train-task.js';
 import type { JobPrivacy, JobRecord, RoundRecord } from './job-record.js';
 import { clientRank, jobModules, type JobSpec } from './job-spec.js';
@@ -95,7 +95,11 @@ export class RoundAggregator {
     const t1 = Date.now();
     const examples = this.recordParticipants(cur, updates);
     Object.assign(cur, stats);
-    const privacyAfter = rec.privacy ? accountRound(rec.privacy, cur.sampleRate ?? 1) : undefined;
+    const privacyAfter = !rec.privacy
+      ? undefined
+      : rec.privacy.level === 'client'
+        ? accountRound(rec.privacy, cur.sampleRate ?? 1)
+        : accountClients(rec.privacy, spec, Object.fromEntries(updates.map((u) => [u.client, u.numExamples])));
 
     // the next round's starting point, then the kept updates, then the version: each step is
     // idempotent, so a crash anywhere in here is repaired by running it again
@@ -129,7 +133,8 @@ export class RoundAggregator {
   private async rules(rec: JobRecord, cur: RoundRecord, updates: { client: string }[]): Promise<Pick<MethodAggregateInput, 'robust' | 'dp'>> {
     const spec = rec.spec;
     const robust = spec.robust ? { normBound: spec.robust.norm_bound, rule: spec.robust.rule, beta: spec.robust.beta, f: spec.robust.f, m: spec.robust.m } : undefined;
-    if (!rec.privacy) return { robust };
+    // sample level: the clients noised their own updates; the server adds nothing
+    if (!rec.privacy || rec.privacy.level === 'sample') return { robust };
     const key = await this.o.redis.getBuffer(this.o.keys.noiseKey(rec.id));
     if (!key || key.length !== 32) throw new FederationError('FED_DP_INVALID', `the noise key of DP job ${rec.id} is missing`);
     const floraSeeds = spec.method === 'flora' ? Object.fromEntries(updates.map((u) => [u.client, clientTrainingSeed(spec.seed, cur.round, cur.attempt, u.client)])) : undefined;
@@ -217,17 +222,20 @@ export class RoundAggregator {
 
 /** What a DP version's manifest records of the privacy spent up to and including it. */
 function privacyProvenance(privacy: JobPrivacy, cur: RoundRecord): Record<string, unknown> {
-  return {
+  const common = {
     level: privacy.level,
     epsilon: privacy.epsilon,
     delta: privacy.delta,
     order: privacy.order,
     noise_multiplier: privacy.noise_multiplier,
     clip_norm: privacy.clip_norm,
-    sample_rate: cur.sampleRate ?? 1,
-    rounds_accounted: privacy.history.reduce((s, h) => s + h.steps, 0),
     accountant: 'RDP of the subsampled Gaussian mechanism (Opacus orders), Balle et al. 2020 conversion',
   };
+  if (privacy.level === 'sample') {
+    // ε is each data owner's; the version's is the largest of them
+    return { ...common, per_client: Object.fromEntries(Object.entries(privacy.clients ?? {}).map(([c, v]) => [c, { epsilon: v.epsilon, steps: v.history.reduce((s, h) => s + h.steps, 0), sample_rate: v.history.at(-1)?.sampleRate }])) };
+  }
+  return { ...common, sample_rate: cur.sampleRate ?? 1, rounds_accounted: privacy.history.reduce((s, h) => s + h.steps, 0) };
 }
 
 /** FFA-LoRA's global state carries only B: every client derives A from the seed. */

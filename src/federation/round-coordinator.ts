@@ -10,7 +10,7 @@ import type { FederationObserver } from './federation-observer.js';
 import { FederationKeys, roundJobId, trainJobId } from './federation-keys.js';
 import { JobStore, type JobRecord, type RoundRecord } from './job-record.js';
 import { parseJobSpec, type JobSpec } from './job-spec.js';
-import { epsilonAfterRound, planPrivacy, roundSampleRate } from './privacy/privacy-plan.js';
+import { clientEpsilonAfter, clientRoundSteps, epsilonAfterRound, planPrivacy, roundSampleRate } from './privacy/privacy-plan.js';
 import { RoundAggregator } from './round-aggregator.js';
 import { roundTasks } from './train-task.js';
 import { collectUpdates, liveClientStatus } from './update-collector.js';
@@ -236,7 +236,27 @@ export class RoundCoordinator {
         deadlineAt: now + rec.spec.round_timeout_ms,
         clients: selectClients(rec.spec, live, this.opts.fingerprint, round, attempt),
       };
-      if (rec.privacy && current.kind === 'train') {
+      if (rec.privacy?.level === 'sample' && current.kind === 'train' && rec.privacy.target_epsilon !== undefined) {
+        // clients whose next round of DP-SGD would cross the budget are left out (a client not
+        // seen yet checks itself, knowing its n); with nobody left the job stops here
+        const target = rec.privacy.target_epsilon;
+        for (const c of current.clients) {
+          const known = rec.privacy.clients?.[c.client];
+          if (c.status === 'dropped' || !known) continue;
+          const { sampleRate, steps } = clientRoundSteps(rec.spec, known.examples);
+          const after = clientEpsilonAfter(rec.privacy, c.client, sampleRate, steps);
+          if (after.epsilon > target) Object.assign(c, { status: 'dropped', reason: `privacy_budget_exhausted: ε would reach ${after.epsilon.toPrecision(6)} > ${target}` });
+        }
+        if (current.clients.every((c) => c.status === 'dropped')) {
+          rec.state = 'stopped';
+          rec.stopReason = { code: 'privacy_budget_exhausted', message: `round ${round}: every selected client's next round of DP-SGD would pass target_epsilon ${target} (δ = ${rec.privacy.delta})` };
+          await this.jobs.save(rec);
+          await this.stopSchedule(rec);
+          this.log(`federation job ${id}: stopped, ${rec.stopReason.message}`);
+          return;
+        }
+      }
+      if (rec.privacy?.level === 'client' && current.kind === 'train') {
         const q = roundSampleRate(rec.spec, live.filter((c) => c.fingerprint === this.opts.fingerprint).length);
         const target = rec.privacy.target_epsilon;
         const after = epsilonAfterRound(rec.privacy, q);
@@ -315,7 +335,15 @@ export class RoundCoordinator {
       const seconds = (Date.now() - cur.startedAt) / 1000;
       if (outcome === 'quorum_missed') {
         const accepted = cur.clients.filter((c) => c.status === 'uploaded').length;
-        if (attempt <= rec.spec.max_round_retries) {
+        const spent = cur.clients.filter((c) => c.status !== 'uploaded');
+        if (rec.privacy?.level === 'sample' && spent.length > 0 && spent.every((c) => c.reason?.includes('privacy_budget_exhausted'))) {
+          // every client that could not take part refused for its privacy budget: retrying cannot help
+          this.closeRound(rec, 'failed');
+          rec.state = 'stopped';
+          rec.stopReason = { code: 'privacy_budget_exhausted', message: `round ${round}: ${spent.map((c) => c.client).join(', ')} would pass target_epsilon ${rec.privacy.target_epsilon} with another round of DP-SGD` };
+          await this.stopSchedule(rec);
+          this.log(`federation job ${id}: stopped, ${rec.stopReason.message}`);
+        } else if (attempt <= rec.spec.max_round_retries) {
           this.closeRound(rec, 'retried');
           next = { round, attempt: attempt + 1 };
           this.log(`federation job ${id}: round ${round} got ${accepted} of ${rec.spec.min_clients} needed updates; retrying`);

@@ -3,6 +3,7 @@ import type { JobRecord, RoundRecord } from './job-record.js';
 import { clientRank } from './job-spec.js';
 import { fnv1a } from './lora-init.js';
 import type { FedMethod } from './lora-factors.js';
+import type { MechanismSteps } from './privacy/rdp-accountant.js';
 
 /**
  * What the coordinator asks of one client for one round attempt: the data of its BullMQ
@@ -31,6 +32,11 @@ export interface TrainTask {
   seed: number;
   lora: { rank: number; alpha: number; useRslora: boolean; targetModules: string[] };
   local: { steps?: number; epochs?: number; batchSize: number; lr: number; seqLen: number };
+  /**
+   * Sample-level DP: train with DP-SGD, and refuse the task if this round would take the
+   * client past `targetEpsilon` (its DP-SGD steps in earlier rounds of the job are `prior`).
+   */
+  dp?: { clipNorm: number; noiseMultiplier: number; delta: number; targetEpsilon?: number; prior: MechanismSteps[] };
 }
 
 /** What a client's train job returns: a small reference, never the update itself (BullMQ stores return values as JSON). */
@@ -78,5 +84,16 @@ export function roundTasks(rec: JobRecord, round: RoundRecord, keys: FederationK
       seed: clientTrainingSeed(spec.seed, round.round, round.attempt, c.client),
       lora: { rank: clientRank(spec, c.client), alpha: spec.lora.alpha, useRslora: spec.lora.use_rslora, targetModules: spec.lora.target_modules },
       local: { steps: spec.local.steps, epochs: spec.local.epochs, batchSize: spec.local.batch_size, lr: spec.local.lr, seqLen: spec.local.seq_len },
+      ...(rec.privacy?.level === 'sample'
+        ? {
+            dp: {
+              clipNorm: rec.privacy.clip_norm,
+              noiseMultiplier: rec.privacy.noise_multiplier,
+              delta: rec.privacy.delta,
+              ...(rec.privacy.target_epsilon !== undefined ? { targetEpsilon: rec.privacy.target_epsilon } : {}),
+              prior: rec.privacy.clients?.[c.client]?.history ?? [],
+            },
+          }
+        : {}),
     }));
 }

@@ -153,6 +153,40 @@ describe('differential privacy and robust aggregation over real fed-client proce
     assert.ok(movedOpen > 10 * moved, `unbounded, the attacker dominates: ${movedOpen} vs ${moved}`);
   });
 
+  test('sample-level DP: clients train with DP-SGD and every version records each client’s ε from its q = batch / n and steps', async () => {
+    const spec = { target_adapter_id: 'dp-sgd', method: 'ffa', clients: ['founders', 'industrial', 'modern'], rounds: 2, local: LOCAL, dp: { level: 'sample', clip_norm: 1, noise_multiplier: 1.3, delta: 1e-5 } };
+    const created = await api<JobJson>('POST', '/v1/federation/jobs', spec);
+    assert.equal(created.status, 201, JSON.stringify(created.json));
+    const job = await finished(created.json.id);
+    const examples = Object.fromEntries((job.history[0] as unknown as { clients: { client: string; num_examples: number }[] }).clients.map((c) => [c.client, c.num_examples]));
+    const { json } = await api<{ provenance: { privacy: { level: string; epsilon: number; per_client: Record<string, { epsilon: number; steps: number; sample_rate: number }> } } }>('GET', '/v1/adapters/dp-sgd');
+    const priv = json.provenance.privacy;
+    assert.equal(priv.level, 'sample');
+    let worst = 0;
+    for (const c of ['founders', 'industrial', 'modern']) {
+      const q = Math.min(1, LOCAL.batch_size / examples[c]);
+      // two rounds of two local DP-SGD steps each
+      const want = epsilonOf([{ noiseMultiplier: 1.3, sampleRate: q, steps: 4 }], 1e-5).epsilon;
+      assert.equal(priv.per_client[c].epsilon, want, c);
+      assert.equal(priv.per_client[c].steps, 4);
+      assert.equal(priv.per_client[c].sample_rate, q);
+      worst = Math.max(worst, want);
+    }
+    assert.equal(priv.epsilon, worst);
+    assert.equal(job.privacy!.epsilon, worst);
+  });
+
+  test('sample-level DP: a client refuses a round that would take it past target_epsilon, and the job stops', async () => {
+    const spec = { target_adapter_id: 'dp-sgd-over', method: 'ffa', clients: ['founders', 'modern'], rounds: 1, local: LOCAL, dp: { level: 'sample', clip_norm: 1, noise_multiplier: 0.5, target_epsilon: 0.01 } };
+    const created = await api<JobJson>('POST', '/v1/federation/jobs', spec);
+    assert.equal(created.status, 201, JSON.stringify(created.json));
+    const job = await finished(created.json.id, ['stopped']);
+    assert.equal(job.stop_reason!.code, 'privacy_budget_exhausted');
+    assert.deepEqual(job.versions, []);
+    const clients = (job.history[0] as unknown as { clients: { client: string; status: string; reason?: string }[] }).clients;
+    for (const c of clients) assert.match(c.reason ?? '', /privacy_budget_exhausted/, JSON.stringify(c));
+  });
+
   test('a scheduled DP job stops before the round that would cross target_epsilon when fewer clients make each round spend more', async () => {
     // planned at q = 1/4 (four live clients, one per round); once only one client is live, q = 1
     const live = (await api<{ data: unknown[] }>('GET', '/v1/federation/clients')).json.data.length;

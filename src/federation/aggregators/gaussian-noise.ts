@@ -21,7 +21,7 @@ export class GaussianNoise {
   }
 
   /** Uniform in (0, 1) with 53 random bits (never 0, so log(u) is finite). */
-  private uniform(): number {
+  uniform(): number {
     if (this.pos + 8 > this.buf.length) {
       this.buf = this.cipher.update(Buffer.alloc(8 * 4096));
       this.pos = 0;

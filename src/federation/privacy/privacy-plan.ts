@@ -1,7 +1,8 @@
 import { FederationError } from '../../errors.js';
 import type { JobPrivacy } from '../job-record.js';
 import type { JobSpec } from '../job-spec.js';
-import { addStep, epsilonOf, noiseMultiplierFor } from './rdp-accountant.js';
+import { localSteps } from '../local-trainer.js';
+import { addStep, epsilonOf, noiseMultiplierFor, type MechanismSteps } from './rdp-accountant.js';
 
 /**
  * Client-level DP-FedAvg accounting: every published round is one step of the subsampled
@@ -26,6 +27,10 @@ function fmt(x: number): string {
  */
 export function planPrivacy(spec: JobSpec, compatibleClients: number): JobPrivacy {
   const dp = spec.dp!;
+  if (dp.level === 'sample') {
+    // each client's q is batch_size / its examples, known only once it trains: accounted per client
+    return { level: 'sample', noise_multiplier: dp.noise_multiplier!, clip_norm: dp.clip_norm, delta: dp.delta, ...(dp.target_epsilon !== undefined ? { target_epsilon: dp.target_epsilon } : {}), history: [], epsilon: 0, clients: {} };
+  }
   const q = roundSampleRate(spec, compatibleClients);
   const rounds = spec.rounds;
   const sigma = dp.noise_multiplier ?? noiseMultiplierFor(dp.target_epsilon!, dp.delta, q, rounds);
@@ -59,4 +64,30 @@ export function accountRound(privacy: JobPrivacy, q: number): JobPrivacy {
   const history = addStep(privacy.history, privacy.noise_multiplier, q);
   const spent = epsilonOf(history, privacy.delta);
   return { ...privacy, history, epsilon: spent.epsilon, order: spent.order };
+}
+
+/** One client's DP-SGD in one round: steps at q = batch_size / n (the trainer's own count). */
+export function clientRoundSteps(spec: JobSpec, examples: number): { sampleRate: number; steps: number } {
+  return { sampleRate: Math.min(1, spec.local.batch_size / examples), steps: localSteps({ steps: spec.local.steps, epochs: spec.local.epochs, batchSize: spec.local.batch_size }, examples) };
+}
+
+/** Sample level: a client's ε after one more round of its DP-SGD, from its history in this job. */
+export function clientEpsilonAfter(privacy: JobPrivacy, client: string, sampleRate: number, steps: number): { epsilon: number; order: number; history: MechanismSteps[] } {
+  const prior = privacy.clients?.[client]?.history ?? [];
+  const last = prior[prior.length - 1];
+  const history = last && last.noiseMultiplier === privacy.noise_multiplier && last.sampleRate === sampleRate ? [...prior.slice(0, -1), { ...last, steps: last.steps + steps }] : [...prior, { noiseMultiplier: privacy.noise_multiplier, sampleRate, steps }];
+  return { ...epsilonOf(history, privacy.delta), history };
+}
+
+/** Sample level: the accounting after a round whose participants trained on these example counts. */
+export function accountClients(privacy: JobPrivacy, spec: JobSpec, examples: Record<string, number>): JobPrivacy {
+  const clients = { ...(privacy.clients ?? {}) };
+  for (const [client, n] of Object.entries(examples)) {
+    const { sampleRate, steps } = clientRoundSteps(spec, n);
+    const { epsilon, order, history } = clientEpsilonAfter(privacy, client, sampleRate, steps);
+    clients[client] = { history, epsilon, order, examples: n };
+  }
+  let worst: { epsilon: number; order?: number } = { epsilon: 0 };
+  for (const c of Object.values(clients)) if (c.epsilon > worst.epsilon) worst = c;
+  return { ...privacy, clients, epsilon: worst.epsilon, ...(worst.order !== undefined ? { order: worst.order } : {}) };
 }

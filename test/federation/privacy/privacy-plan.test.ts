@@ -25,7 +25,7 @@ test('a plan that would spend more than target_epsilon is refused, naming the ε
 
 test('without noise_multiplier the plan takes the smallest σ that keeps all planned rounds under target_epsilon', () => {
   const plan = planPrivacy(spec({ dp: { level: 'client', clip_norm: 0.5, target_epsilon: 3, delta: 1e-5 } }), 8);
-  assert.ok(plan.planned_epsilon <= 3 && plan.planned_epsilon > 2.99, String(plan.planned_epsilon));
+  assert.ok(plan.planned_epsilon! <= 3 && plan.planned_epsilon! > 2.99, String(plan.planned_epsilon));
   assert.equal(plan.planned_sample_rate, 0.25);
   assert.equal(plan.epsilon, 0);
   assert.equal(plan.clip_norm, 0.5);
@@ -46,7 +46,9 @@ test('each published round adds one step at its own sampling rate; ε after the 
 
 test('job specs: dp and robust options are checked with named codes', () => {
   assert.throws(() => spec({ dp: { level: 'client', clip_norm: 1 } }), withCode('FED_DP_INVALID', 'noise_multiplier'));
-  assert.throws(() => spec({ dp: { level: 'sample', clip_norm: 1, noise_multiplier: 1 } }), withCode('FED_DP_UNSUPPORTED', 'sample'));
+  assert.throws(() => spec({ dp: { level: 'sample', clip_norm: 1, target_epsilon: 3 } }), withCode('FED_DP_INVALID', 'noise_multiplier'));
+  assert.doesNotThrow(() => spec({ dp: { level: 'sample', clip_norm: 1, noise_multiplier: 1 }, robust: { rule: 'median' } }));
+  assert.throws(() => spec({ method: 'fedsb', dp: { level: 'sample', clip_norm: 1, noise_multiplier: 1 } }), withCode('FED_DP_UNSUPPORTED', 'init'));
   assert.throws(() => spec({ method: 'fedsb', dp: { level: 'client', clip_norm: 1, noise_multiplier: 1 } }), withCode('FED_DP_UNSUPPORTED', 'init'));
   assert.doesNotThrow(() => spec({ method: 'fedsb', fedsb: { init: 'random' }, dp: { level: 'client', clip_norm: 1, noise_multiplier: 1 } }));
   assert.throws(() => spec({ dp: { level: 'client', clip_norm: 1, noise_multiplier: 1 }, robust: { rule: 'median' } }), withCode('FED_DP_UNSUPPORTED', 'median'));

@@ -50,6 +50,8 @@ export interface DemoDataOptions {
   maxHeldOutWindows: number;
   /** @defaultValue 2026 */
   seed?: number;
+  /** The eras, one client each. @defaultValue ERAS */
+  eras?: readonly { id: string; from: number; to: number }[];
 }
 
 export function allAddresses(): Address[] {
@@ -63,7 +65,7 @@ export async function prepareClients(dir: string, tokenizer: WindowTokenizer, op
   const addresses = allAddresses();
   await mkdir(dir, { recursive: true });
   const clients: DemoClient[] = [];
-  for (const [e, era] of ERAS.entries()) {
+  for (const [e, era] of (options.eras ?? ERAS).entries()) {
     const docs = addresses.filter((a) => a.year >= era.from && a.year <= era.to && a.text.trim() !== '').sort((a, b) => a.year - b.year);
     const k = Math.max(1, Math.round(fraction * docs.length));
     const held = new Set(seededPermutation(docs.length, seed + e).slice(0, k));

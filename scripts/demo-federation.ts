@@ -13,25 +13,19 @@
  * table; stderr is progress. Every key it makes lives under a fresh prefix `demo-<random>` and
  * is deleted at the end; the model and data stay under data/federation-demo/.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { join, relative, resolve } from 'node:path';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { Redis } from 'ioredis';
 import { writeDemoModel } from '../src/cli/demo-model-command.js';
-import { meanLoss } from '../src/federation/local-trainer.js';
 import { FED_METHODS, type FedMethod } from '../src/federation/lora-factors.js';
 import { resolveBackend, type BackendChoice } from '../src/model/backend/backend.js';
-import type { LlamaModel } from '../src/model/forward/llama-model.js';
 import { loadLlamaModel } from '../src/model/forward/model-loader.js';
-import type { LoraAdapter } from '../src/model/lora/lora-adapter.js';
-import { readPeftAdapter, uploadAdapter } from '../src/model/lora/peft-adapter-reader.js';
 import { TextTokenizer } from '../src/model/tokenizer/tokenizer.js';
 import { prepareClients, type DemoClient } from './demo-federation-data.js';
+import { api, checkRedis, Child, deletePrefix, HarnessError as DemoError, heldOutLosses, redact, scoreVersion, type JobJson, type RoundJson } from './federation-harness.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DEMO_DIR = resolve(ROOT, 'data/federation-demo');
@@ -43,8 +37,6 @@ const TARGET_MODULES = ['q_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'];
 const HELD_OUT_WINDOWS = 128;
 const PROMPT = 'Fellow-Citizens of the Senate and House of Representatives:';
 
-/** A failure the demo explains in one message (no stack trace). */
-class DemoError extends Error {}
 
 const { values: flags } = parseArgs({
   options: {
@@ -81,175 +73,12 @@ const REDIS_URL = process.env.LORA_GATEWAY_REDIS_URL ?? 'redis://127.0.0.1:6379'
 /** Every key and queue of this run lives under it; deleted at the end. */
 const PREFIX = `demo-${randomBytes(4).toString('hex')}`;
 
-// ---- child processes ------------------------------------------------------------------------
-
-/** A CLI child process (`node --import tsx src/cli/main.ts …`, so no build is needed) whose output lines are kept. */
-class Child {
-  readonly name: string;
-  readonly proc: ChildProcess;
-  private readonly lines: string[] = [];
-  private readonly waiters = new Set<() => void>();
-  private readonly done: Promise<void>;
-
-  constructor(name: string, args: string[], onLine: (child: Child, line: string) => void) {
-    this.name = name;
-    this.proc = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-    this.done = new Promise((r) => this.proc.once('exit', () => r()));
-    for (const stream of [this.proc.stdout!, this.proc.stderr!]) {
-      createInterface({ input: stream }).on('line', (line) => {
-        this.lines.push(line);
-        if (this.lines.length > 400) this.lines.shift();
-        onLine(this, line);
-        for (const w of [...this.waiters]) w();
-      });
-    }
-    this.proc.once('exit', () => [...this.waiters].forEach((w) => w()));
-  }
-
-  get running(): boolean {
-    return this.proc.exitCode === null && this.proc.signalCode === null;
-  }
-
-  tail(n = 15): string {
-    return this.lines.slice(-n).map((l) => `  [${this.name}] ${l}`).join('\n');
-  }
-
-  /** Resolves with the first output line matching `re`; rejects if the process exits or the time runs out first. */
-  waitFor(re: RegExp, timeoutMs: number): Promise<RegExpExecArray> {
-    return new Promise((resolveMatch, reject) => {
-      const finish = (fn: () => void) => {
-        clearTimeout(timer);
-        this.waiters.delete(check);
-        fn();
-      };
-      const check = () => {
-        for (const line of this.lines) {
-          const m = re.exec(line);
-          if (m) return finish(() => resolveMatch(m));
-        }
-        if (!this.running) finish(() => reject(new DemoError(`${this.name} exited (${this.proc.exitCode ?? this.proc.signalCode}) before it was ready:\n${this.tail()}`)));
-      };
-      const timer = setTimeout(() => finish(() => reject(new DemoError(`${this.name} was not ready within ${timeoutMs / 1000} s:\n${this.tail()}`))), timeoutMs);
-      this.waiters.add(check);
-      check();
-    });
-  }
-
-  /** SIGTERM (the CLI then closes cleanly), SIGKILL if it is still there after 10 s. */
-  async stop(): Promise<void> {
-    if (!this.running) return;
-    this.proc.kill('SIGTERM');
-    const killer = setTimeout(() => this.proc.kill('SIGKILL'), 10_000);
-    await this.done;
-    clearTimeout(killer);
-  }
-}
-
 const children: Child[] = [];
 let shuttingDown = false;
 
 /** Progress lines worth showing from the children (all of them with --verbose). */
 function relay(child: Child, line: string): void {
   if (flags.verbose || /federation job|uploaded|failed|error|refus/i.test(line)) progress(`[${child.name}] ${line}`);
-}
-
-// ---- Redis ----------------------------------------------------------------------------------
-
-const redact = (url: string): string => url.replace(/\/\/([^@/]*)@/, '//***@');
-
-async function checkRedis(url: string): Promise<void> {
-  const redis = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 3000, enableOfflineQueue: false });
-  let cause: string | undefined;
-  redis.on('error', (err: Error) => void (cause ??= err.message));
-  try {
-    await redis.connect();
-    await redis.ping();
-  } catch (err) {
-    throw new DemoError(
-      `Redis does not answer at ${redact(url)} (${cause ?? (err as Error).message}). Start one (redis-server, or docker run -p 6379:6379 redis:7) or point LORA_GATEWAY_REDIS_URL at yours.`,
-    );
-  } finally {
-    redis.disconnect();
-  }
-}
-
-/** Deletes every key of this run (job records, global states, updates, BullMQ queues). */
-async function deletePrefix(url: string, prefix: string): Promise<number> {
-  const redis = new Redis(url, { maxRetriesPerRequest: 1, retryStrategy: () => null });
-  redis.on('error', () => undefined);
-  let deleted = 0;
-  try {
-    let cursor = '0';
-    do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}:*`, 'COUNT', 1000);
-      cursor = next;
-      if (keys.length > 0) deleted += await redis.unlink(...keys);
-    } while (cursor !== '0');
-  } finally {
-    redis.disconnect();
-  }
-  return deleted;
-}
-
-// ---- the gateway's HTTP API -----------------------------------------------------------------
-
-interface RoundJson {
-  round: number;
-  attempt: number;
-  kind: string;
-  state: string;
-  participants: string[];
-  dropped: { client: string; reason: string }[];
-  examples: number | null;
-  mean_train_loss: number | null;
-  bytes_uploaded: number | null;
-  published_version: number | null;
-  rank: number | null;
-  aggregation_error?: number;
-  kept_fraction?: number;
-  timings: { training_s: number; aggregation_s: number; publishing_s: number } | null;
-}
-
-interface JobJson {
-  id: string;
-  state: string;
-  versions: number[];
-  history: RoundJson[];
-  error: { code: string; message: string } | null;
-}
-
-async function api<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
-  const res = await fetch(`${base}${path}`, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await res.text();
-  if (!res.ok) throw new DemoError(`${method} ${path} answered ${res.status}: ${text}`);
-  return JSON.parse(text) as T;
-}
-
-async function download(base: string, adapterId: string, file: string, version: number): Promise<Uint8Array> {
-  const res = await fetch(`${base}/v1/adapters/${adapterId}/files/${file}?version=${version}`);
-  if (!res.ok) throw new DemoError(`downloading ${file} of '${adapterId}' v${version} answered ${res.status}: ${await res.text()}`);
-  return new Uint8Array(await res.arrayBuffer());
-}
-
-// ---- held-out evaluation --------------------------------------------------------------------
-
-/** Per-client held-out loss and the token-weighted overall loss (all windows have SEQ_LEN targets). */
-async function heldOutLosses(model: LlamaModel, clients: DemoClient[], adapter: LoraAdapter | null): Promise<{ overall: number; perClient: number[] }> {
-  const perClient: number[] = [];
-  for (const c of clients) perClient.push(await meanLoss(model, c.heldOut, adapter, 32));
-  const windows = clients.reduce((s, c) => s + c.heldOut.length, 0);
-  return { overall: clients.reduce((s, c, i) => s + perClient[i] * c.heldOut.length, 0) / windows, perClient };
-}
-
-async function scoreVersion(base: string, model: LlamaModel, clients: DemoClient[], adapterId: string, version: number) {
-  const [config, weights] = await Promise.all(['adapter_config.json', 'adapter_model.safetensors'].map((f) => download(base, adapterId, f, version)));
-  const host = await readPeftAdapter(`${adapterId}@v${version}`, model.config, 4096, `${adapterId}-v${version}`, { config, weights });
-  const adapter = uploadAdapter(host, model.config);
-  try {
-    return await heldOutLosses(model, clients, adapter);
-  } finally {
-    adapter.dispose();
-  }
 }
 
 // ---- the results table ----------------------------------------------------------------------

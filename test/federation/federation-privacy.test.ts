@@ -1,50 +1,22 @@
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { Redis } from 'ioredis';
-import { writeDemoModel } from '../../src/cli/demo-model-command.js';
 import { epsilonOf } from '../../src/federation/privacy/rdp-accountant.js';
 import { SafetensorsReader } from '../../src/model/formats/safetensors.js';
-import { REDIS_URL, dropPrefix, eventually, spawnCli, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
+import { eventually, startEraFederation, THREE_ERAS, type CliProcess, type EraFederation } from '../helpers/federation-fixture.js';
 import { useWasm } from '../helpers/tiny-models.js';
 
-const ERAS: [string, number, number][] = [
-  ['founders', 1790, 1829],
-  ['industrial', 1870, 1909],
-  ['modern', 1980, 2019],
-];
-
-let root: string;
-let modelDir: string;
-let server: Awaited<ReturnType<typeof startFederatedServer>>;
+let fx: EraFederation;
+let server: EraFederation['server'];
 let clients: CliProcess[] = [];
-const prefix = uniquePrefix('privacy');
 
 before(async () => {
   await useWasm();
-  root = await mkdtemp(join(tmpdir(), 'lora-gateway-dp-'));
-  modelDir = join(root, 'model');
-  await writeDemoModel(modelDir, { adapters: 0 });
-  const data = await Promise.all(ERAS.map(([id, from, to]) => writeEraText(join(root, 'data'), id, from, to, 2000)));
-  clients = await startClients(modelDir, REDIS_URL, prefix, ERAS.map(([id], i) => [id, data[i]]));
-  // a fourth client that uploads its change from the global ×100: the attack norm_bound must contain
-  const evilData = await writeEraText(join(root, 'data'), 'evil', 1930, 1960, 2000);
-  const evil = spawnCli(['fed-client', '--redis', REDIS_URL, '--federation-prefix', prefix, '--client-id', 'evil', '--data', evilData, '--model', modelDir, '--backend', 'wasm', '--poison', 'scale:100']);
-  await evil.waitFor(/federation client '.*' ready/);
-  clients.push(evil);
-  server = await startFederatedServer(modelDir, join(root, 'serve'), REDIS_URL, prefix);
+  // a fourth client uploads its change from the global ×100: the attack norm_bound must contain
+  fx = await startEraFederation('privacy', THREE_ERAS, 2000, [{ id: 'evil', from: 1930, to: 1960, args: ['--poison', 'scale:100'] }]);
+  ({ server, clients } = fx);
 });
 
-after(async () => {
-  await server?.close();
-  await Promise.all(clients.map((c) => c.stop()));
-  const redis = new Redis(REDIS_URL);
-  await dropPrefix(redis, prefix);
-  await redis.quit();
-  await rm(root, { recursive: true, force: true });
-});
+after(async () => fx?.stop());
 
 interface RoundJson {
   round: number;

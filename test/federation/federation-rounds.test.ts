@@ -1,54 +1,25 @@
 import * as tf from '@tensorflow/tfjs-core';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { Redis } from 'ioredis';
-import { writeDemoModel } from '../../src/cli/demo-model-command.js';
 import { forwardSequences } from '../../src/model/forward/llama-model.js';
 import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
 import { seededLoraA } from '../../src/federation/lora-init.js';
 import { SafetensorsReader } from '../../src/model/formats/safetensors.js';
 import { readPeftAdapter, uploadAdapter } from '../../src/model/lora/peft-adapter-reader.js';
-import { REDIS_URL, dropPrefix, eventually, startClients, startFederatedServer, uniquePrefix, writeEraText, type CliProcess } from '../helpers/federation-fixture.js';
+import { eventually, startEraFederation, THREE_ERAS, type EraFederation } from '../helpers/federation-fixture.js';
 import { useWasm } from '../helpers/tiny-models.js';
 
-const CLIENTS: [string, number, number][] = [
-  ['founders', 1790, 1829],
-  ['industrial', 1870, 1909],
-  ['modern', 1980, 2019],
-];
-
-let root: string;
+let fx: EraFederation;
 let modelDir: string;
-let server: Awaited<ReturnType<typeof startFederatedServer>>;
-let clients: CliProcess[] = [];
-const prefix = uniquePrefix('rounds');
+let server: EraFederation['server'];
 
 before(async () => {
   await useWasm();
-  root = await mkdtemp(join(tmpdir(), 'lora-gateway-fed-'));
-  modelDir = join(root, 'model');
-  await writeDemoModel(modelDir, { adapters: 0 });
-  const data = await Promise.all(CLIENTS.map(([id, from, to]) => writeEraText(join(root, 'data'), id, from, to, 3000)));
-  clients = await startClients(
-    modelDir,
-    REDIS_URL,
-    prefix,
-    CLIENTS.map(([id], i) => [id, data[i]]),
-  );
-  server = await startFederatedServer(modelDir, join(root, 'serve'), REDIS_URL, prefix);
+  fx = await startEraFederation('rounds', THREE_ERAS, 3000);
+  ({ modelDir, server } = fx);
 });
 
-after(async () => {
-  await server?.close();
-  await Promise.all(clients.map((c) => c.stop()));
-  const redis = new Redis(REDIS_URL);
-  await dropPrefix(redis, prefix);
-  await redis.quit();
-  await rm(root, { recursive: true, force: true });
-});
+after(async () => fx?.stop());
 
 const api = <T>(method: string, path: string, body?: unknown) => server.api<T>(method, path, body);
 
@@ -217,7 +188,7 @@ describe('federated rounds with three fed-client processes on different text', (
   for (const [name, method, extra] of CASES) {
     test(`${name}: two rounds each publish a version that /v1/completions serves (equal to its downloaded files, different from the previous version, and equal to the aggregate recomputed from the downloaded updates)`, async () => {
       const target = `fed-${name.replace(/[^a-z0-9]+/g, '-').replace(/-$/, '')}`;
-      const job = await runJob({ target_adapter_id: target, method, rounds: 2, clients: CLIENTS.map((c) => c[0]), round_timeout_ms: 120_000, local: LOCAL, seed: 7, ...extra });
+      const job = await runJob({ target_adapter_id: target, method, rounds: 2, clients: THREE_ERAS.map((c) => c[0]), round_timeout_ms: 120_000, local: LOCAL, seed: 7, ...extra });
       assert.deepEqual(job.versions, [1, 2]);
       const published = job.history.filter((h) => h.state === 'published');
       if (!('fedsb' in extra) && method === 'fedsb') {
@@ -229,7 +200,7 @@ describe('federated rounds with three fed-client processes on different text', (
         published.map((h) => h.round),
         [1, 2],
       );
-      for (const h of published) assert.deepEqual([...h.participants].sort(), CLIENTS.map((c) => c[0]).sort());
+      for (const h of published) assert.deepEqual([...h.participants].sort(), THREE_ERAS.map((c) => c[0]).sort());
       if (method === 'fedavg') for (const h of published) assert.ok(h.aggregation_error! > 0, `fedavg reports its aggregation error (${h.aggregation_error})`);
       if (method === 'flora') assert.equal(published[1].rank, 56, 'flora stacks 4 + 8 + 16 per round (28, then 56)');
 
@@ -247,7 +218,7 @@ describe('federated rounds with three fed-client processes on different text', (
         base.some((x, i) => Math.abs(x - v2[i]) > 1e-4),
         'the trained adapter differs from the base model',
       );
-      await recomputeRound(method, target, job.id, 2, CLIENTS.map((c) => c[0]));
+      await recomputeRound(method, target, job.id, 2, THREE_ERAS.map((c) => c[0]));
       const { json: adapter } = await api<{ version: number; provenance: { job: string; round: number; method: string } }>('GET', `/v1/adapters/${target}`);
       assert.equal(adapter.version, 2);
       assert.deepEqual([adapter.provenance.job, adapter.provenance.round, adapter.provenance.method], [job.id, 2, method]);

@@ -171,3 +171,58 @@ export async function dropPrefix(redis: Redis, prefix: string): Promise<void> {
     cursor = next;
   } while (cursor !== '0');
 }
+
+/** The three-era world most federation suites run in: client id, first and last year of its text. */
+export const THREE_ERAS: [string, number, number][] = [
+  ['founders', 1790, 1829],
+  ['industrial', 1870, 1909],
+  ['modern', 1980, 2019],
+];
+
+export interface EraFederation {
+  root: string;
+  modelDir: string;
+  prefix: string;
+  server: Awaited<ReturnType<typeof startFederatedServer>>;
+  clients: CliProcess[];
+  /** Stops the server and the clients, deletes the prefix's keys and the folder. */
+  stop(): Promise<void>;
+}
+
+/**
+ * A temporary folder with the demo model, one fed-client process per era (its text cut to
+ * `chars`), any `extra` clients (e.g. a --poison one), and `serve --redis` in this process.
+ */
+export async function startEraFederation(name: string, eras: [string, number, number][], chars: number, extra: { id: string; from: number; to: number; args: string[] }[] = []): Promise<EraFederation> {
+  const root = await mkdtemp(join(tmpdir(), `lora-gateway-${name}-`));
+  const modelDir = join(root, 'model');
+  const prefix = uniquePrefix(name);
+  const { writeDemoModel } = await import('../../src/cli/demo-model-command.js');
+  await writeDemoModel(modelDir, { adapters: 0 });
+  const data = await Promise.all(eras.map(([id, from, to]) => writeEraText(join(root, 'data'), id, from, to, chars)));
+  const clients = await startClients(modelDir, REDIS_URL, prefix, eras.map(([id], i) => [id, data[i]]));
+  for (const x of extra) {
+    const file = await writeEraText(join(root, 'data'), x.id, x.from, x.to, chars);
+    const p = spawnCli(['fed-client', '--redis', REDIS_URL, '--federation-prefix', prefix, '--client-id', x.id, '--data', file, '--model', modelDir, '--backend', 'wasm', ...x.args]);
+    await p.waitFor(/federation client '.*' ready/);
+    clients.push(p);
+  }
+  const server = await startFederatedServer(modelDir, join(root, 'serve'), REDIS_URL, prefix);
+  return {
+    root,
+    modelDir,
+    prefix,
+    server,
+    clients,
+    async stop() {
+      await server.close();
+      await Promise.all(clients.map((c) => c.stop()));
+      const { Redis } = await import('ioredis');
+      const redis = new Redis(REDIS_URL);
+      await dropPrefix(redis, prefix);
+      await redis.quit();
+      const { rm } = await import('node:fs/promises');
+      await rm(root, { recursive: true, force: true });
+    },
+  };
+}

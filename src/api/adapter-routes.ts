@@ -111,18 +111,22 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
     return { id: r.id, object: 'adapter', deleted: true };
   });
 
-  app.post<{ Body: { lora_name: string; lora_path: string } }>(
+  app.post<{ Body: { lora_name: string; lora_path: string; load_inplace?: boolean } }>(
     '/v1/load_lora_adapter',
     {
       schema: {
         body: {
           type: 'object',
-          properties: { lora_name: { type: 'string', minLength: 1, maxLength: 256 }, lora_path: { type: 'string', minLength: 1 } },
+          properties: { lora_name: { type: 'string', minLength: 1, maxLength: 256 }, lora_path: { type: 'string', minLength: 1 }, load_inplace: { type: 'boolean' } },
           required: ['lora_name', 'lora_path'],
         },
       },
     },
     async (req) => {
+      // as vLLM: a name already loaded is refused unless load_inplace asks to replace it (a new version here)
+      if (!req.body.load_inplace && engine.getAdapter(req.body.lora_name)) {
+        throw new RequestError('ADAPTER_ALREADY_LOADED', `The lora adapter '${req.body.lora_name}' has already been loaded. Give load_inplace: true to replace it.`);
+      }
       const r = await engine.loadAdapterFromDir(req.body.lora_name, req.body.lora_path);
       return `Success: LoRA adapter '${r.id}' added successfully.`;
     },

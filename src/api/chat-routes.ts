@@ -4,7 +4,7 @@ import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import type { ScoredToken } from '../serving/batch-generator.js';
 import { MAX_LOGPROBS } from '../serving/sampler.js';
 import type { CompletionRequest, ServingEngine } from '../serving/serving-engine.js';
-import { renderChatPrompt, type ChatMessage } from './chat-template.js';
+import { chatMessagesOf, renderChatPrompt, type ChatMessage } from './chat-template.js';
 import { runGeneration } from './generation-run.js';
 import { rejectUnsupported, resolveAdapterId, responseId, samplingOf, samplingProperties, stopStringsOf, tokenText, unixSeconds, usageOf, type SamplingBody } from './openai-params.js';
 import type { InferenceRoute, RequestMeter } from './request-meter.js';
@@ -27,7 +27,8 @@ const chatBodySchema = {
       minItems: 1,
       items: {
         type: 'object',
-        properties: { role: { type: 'string', minLength: 1 }, content: { type: 'string' } },
+        // content: a string, or OpenAI's list of content parts (checked by chatMessagesOf)
+        properties: { role: { type: 'string', minLength: 1 }, content: {} },
         required: ['role', 'content'],
       },
     },
@@ -66,7 +67,7 @@ export function registerChatRoutes(app: FastifyInstance, { engine, meterOf }: Ch
       throw new RequestError('REQUEST_INVALID', 'top_logprobs needs logprobs: true');
     }
     // renders only with a tokenizer (it throws otherwise); the template writes any BOS itself
-    const promptText = renderChatPrompt(engine.tokenizer, body.messages);
+    const promptText = renderChatPrompt(engine.tokenizer, chatMessagesOf(body.messages));
     const promptIds = engine.tokenizer!.encode(promptText, { addSpecialTokens: false });
     const request: Omit<CompletionRequest, 'signal'> = {
       adapterId,

@@ -7,6 +7,24 @@ export interface ChatMessage {
   content: string;
 }
 
+/**
+ * Messages as the template takes them: `content` a string, or OpenAI's list of content parts of
+ * which only text parts are supported; their texts are joined with newlines, as vLLM does.
+ */
+export function chatMessagesOf(messages: { role: string; content: unknown }[]): ChatMessage[] {
+  return messages.map((m, i) => {
+    if (typeof m.content === 'string') return { role: m.role, content: m.content };
+    if (!Array.isArray(m.content)) throw new RequestError('REQUEST_INVALID', `messages[${i}].content must be a string or a list of content parts`);
+    const texts = m.content.map((part: unknown, j) => {
+      const p = part as { type?: unknown; text?: unknown } | null;
+      if (p?.type !== 'text') throw new RequestError('UNSUPPORTED_PARAMETER', `messages[${i}].content[${j}].type: only "text" parts are supported, got ${JSON.stringify(p?.type ?? null)}`);
+      if (typeof p.text !== 'string') throw new RequestError('REQUEST_INVALID', `messages[${i}].content[${j}].text must be a string`);
+      return p.text;
+    });
+    return { role: m.role, content: texts.join('\n') };
+  });
+}
+
 /** Parsed templates by source; a gateway serves one model, so this holds one entry. */
 const parsed = new Map<string, Template>();
 

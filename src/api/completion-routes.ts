@@ -1,5 +1,5 @@
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
-import { RequestError } from '../errors.js';
+import { AdapterError, RequestError } from '../errors.js';
 import type { StreamDecoder, TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import type { ScoredToken } from '../serving/batch-generator.js';
 import { MAX_LOGPROBS } from '../serving/sampler.js';
@@ -81,6 +81,13 @@ export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; metri
     object: 'list',
     data: [modelCard(engine.modelId, null), ...engine.listAdapters().map((r) => modelCard(r.id, engine.modelId))],
   }));
+
+  app.get<{ Params: { id: string } }>('/v1/models/:id', { schema: { params: idParam } }, async (req) => {
+    const { id } = req.params;
+    if (id === engine.modelId) return modelCard(id, null);
+    if (!engine.getAdapter(id)) throw new AdapterError('ADAPTER_NOT_FOUND', `the model '${id}' does not exist`);
+    return modelCard(id, engine.modelId);
+  });
 
   app.post<{ Body: CompletionBody }>('/v1/completions', { schema: { body: completionBodySchema(true) } }, async (req, reply) =>
     complete(engine, req.body, req.body.model!, req, reply, meterOf(req, 'completions')),

@@ -59,9 +59,30 @@ export function resolveAdapterId(engine: ServingEngine, model: string): string |
   return model;
 }
 
-/** Checks what the body asks for that this server does not do. */
-export function rejectUnsupported(body: SamplingBody): void {
+function unsupported(field: string, why: string): never {
+  throw new RequestError('UNSUPPORTED_PARAMETER', `${field}: ${why}`);
+}
+
+const isSet = (v: unknown) => v !== undefined && v !== null;
+
+/**
+ * Checks what the body asks for that this server does not do, so that an OpenAI parameter is
+ * either honoured or refused with 400 `unsupported_parameter` naming it, never ignored.
+ */
+export function rejectUnsupported(sampling: SamplingBody): void {
+  const body = sampling as SamplingBody & Record<string, unknown>;
   if ((body.n ?? 1) !== 1) throw new RequestError('REQUEST_INVALID', `only n=1 is supported, got n=${body.n}`);
+  if (isSet(body.best_of) && body.best_of !== 1) unsupported('best_of', `only best_of = 1 is supported, got ${JSON.stringify(body.best_of)}`);
+  if (isSet(body.suffix) && body.suffix !== '') unsupported('suffix', 'insertion (text after the completion) is not supported');
+  const format = body.response_format as { type?: unknown } | null | undefined;
+  if (isSet(format) && format!.type !== 'text') unsupported('response_format', `only {"type": "text"} is supported, got ${JSON.stringify(format)}`);
+  if (isSet(body.tools) && !(Array.isArray(body.tools) && body.tools.length === 0)) unsupported('tools', 'tool calling is not supported');
+  if (isSet(body.tool_choice) && body.tool_choice !== 'none') unsupported('tool_choice', 'tool calling is not supported');
+  if (isSet(body.functions)) unsupported('functions', 'function calling is not supported');
+  for (const f of ['presence_penalty', 'frequency_penalty'] as const) {
+    if (isSet(body[f]) && body[f] !== 0) unsupported(f, 'repetition penalties are not applied by this version (0 is accepted)');
+  }
+  if (isSet(body.logit_bias) && Object.keys(body.logit_bias as object).length > 0) unsupported('logit_bias', 'logit bias is not applied by this version ({} is accepted)');
 }
 
 export function samplingOf(body: SamplingBody): SamplingParams {

@@ -129,9 +129,11 @@ export async function runBatchLines(
   const out: object[] = new Array(lines.length);
   const valid: { index: number; id: unknown; request: GenerationRequest }[] = [];
   for (let i = 0; i < lines.length; i++) {
-    const id = (lines[i] as { id?: unknown } | null)?.id ?? i;
+    const line = lines[i];
+    const id = line instanceof UnparsableLine ? i : ((line as { id?: unknown } | null)?.id ?? i);
     try {
-      valid.push({ index: i, id, request: await toRequest(ctx, lines[i]) });
+      if (line instanceof UnparsableLine) throw line.error;
+      valid.push({ index: i, id, request: await toRequest(ctx, line) });
     } catch (err) {
       out[i] = errorJson(id, err);
     }
@@ -147,17 +149,26 @@ export async function runBatchLines(
   return out;
 }
 
+/** A batch line that is not JSON: it gets an error line of its own, like any other invalid line. */
+export class UnparsableLine {
+  readonly error: RequestError;
+
+  constructor(error: RequestError) {
+    this.error = error;
+  }
+}
+
 export async function readBatchFile(file: string): Promise<unknown[]> {
   const text = await readFile(file, 'utf8');
   return text
     .split('\n')
-    .map((l) => l.trim())
-    .filter((l) => l.length > 0)
-    .map((l, i) => {
+    .map((l, n) => ({ l: l.trim(), n }))
+    .filter(({ l }) => l.length > 0)
+    .map(({ l, n }) => {
       try {
         return JSON.parse(l) as unknown;
       } catch (err) {
-        throw new RequestError('REQUEST_INVALID', `${file}:${i + 1}: not valid JSON: ${(err as Error).message}`);
+        return new UnparsableLine(new RequestError('REQUEST_INVALID', `${file}:${n + 1}: not valid JSON: ${(err as Error).message}`));
       }
     });
 }

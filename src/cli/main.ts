@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { existsSync, realpathSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -18,6 +18,7 @@ import { batchBaseDir, loadTokenizerIfPresent, readBatchFile, runBatchLines, typ
 const USAGE = `lora-gateway — many LoRA adapters of one Llama-family model, on TensorFlow.js
 
 Usage:
+  lora-gateway --version
   lora-gateway generate --model DIR [--adapter DIR] (--prompt TEXT | --prompt-ids 1,2,3)
                         [--max-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
                         [--logprobs N] [--echo] [--ignore-eos] [--json]
@@ -203,7 +204,17 @@ async function fedClient(flags: Flags, config: EngineConfig): Promise<void> {
   });
 }
 
+/** This package's version, from its package.json (two folders up from src/cli and dist/cli). */
+export function packageVersion(): string {
+  const pkg = JSON.parse(readFileSync(fileURLToPath(new URL('../../package.json', import.meta.url)), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
 export async function main(argv: string[]): Promise<number> {
+  if (argv[0] === '--version' || argv[0] === '-v') {
+    process.stdout.write(`lora-gateway ${packageVersion()}\n`);
+    return 0;
+  }
   // its own options (no engine, no model): parsed apart from the rest
   if (argv[0] === 'privacy-epsilon') return privacyEpsilon(argv.slice(1), (s) => process.stdout.write(s), (s) => process.stderr.write(s));
   let parsed;

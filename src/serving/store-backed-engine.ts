@@ -18,6 +18,16 @@ export abstract class StoreBackedEngine {
   /** Waits until no request uses the id, then drops the given versions from host and device. */
   protected abstract retire(id: string, versions: AdapterRecord[]): Promise<void>;
 
+  /** The served model's name: `model` with this value means the base model. */
+  abstract readonly modelId: string;
+
+  /** An adapter named like the base model could never be reached (`model` picks the base first). */
+  private refuseReserved(id: string): void {
+    if (id === this.modelId) {
+      throw new AdapterError('ADAPTER_ID_RESERVED', `adapter id '${id}' is the served model's name: requests with model '${id}' go to the base model, so such an adapter could never be used`);
+    }
+  }
+
   listAdapters(): AdapterRecord[] {
     return this.store.list();
   }
@@ -27,6 +37,7 @@ export abstract class StoreBackedEngine {
   }
 
   putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
+    this.refuseReserved(id);
     return this.store.put(id, files, options);
   }
 
@@ -44,6 +55,7 @@ export abstract class StoreBackedEngine {
 
   /** Registers an adapter folder on disk (vLLM's load_lora_adapter). */
   async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {
+    this.refuseReserved(id);
     let files: AdapterFiles;
     try {
       files = {

@@ -218,6 +218,25 @@ describe('the lora-gateway command', () => {
     assert.equal(lines[1].prompt_logprobs[0], null);
   });
 
+  test('generate --batch gives a line that is not JSON an error line of its own; the other lines still run', async () => {
+    const { dir } = await writeCase('cli-bad-json', TINY_CONFIGS.gqa, 'F32', 1, []);
+    const batchFile = join(root, 'batch-bad.jsonl');
+    await writeFile(batchFile, [JSON.stringify({ id: 'a', prompt_ids: [1, 2], max_tokens: 1 }), '{"id": "b", "prompt_ids": [1,', '', JSON.stringify({ id: 'c', prompt_ids: [3], max_tokens: 1 })].join('\n'));
+    const { stdout } = await run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'generate', '--model', dir, '--batch', batchFile, '--backend', 'wasm']);
+    const lines = stdout.trim().split('\n').map((l) => JSON.parse(l));
+    assert.equal(lines.length, 3);
+    assert.equal(lines[0].id, 'a');
+    assert.equal(lines[0].token_ids.length, 1);
+    assert.equal(lines[1].error.code, 'REQUEST_INVALID');
+    assert.match(lines[1].error.message, /batch-bad\.jsonl:2: not valid JSON/);
+    assert.equal(lines[2].id, 'c');
+  });
+
+  test('--version prints the package version', async () => {
+    const { stdout } = await run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', '--version']);
+    assert.match(stdout, /^lora-gateway \d+\.\d+\.\d+\n$/);
+  });
+
   test('demo-model writes a loadable model with adapters; streamed text equals the JSON text', async () => {
     const dir = join(root, 'demo');
     const cli = (...args: string[]) => run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args]);

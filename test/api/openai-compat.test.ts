@@ -1,0 +1,86 @@
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { startGateway, type GatewayFixture } from '../helpers/gateway-fixture.js';
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Json = any;
+
+let fx: GatewayFixture;
+before(async () => {
+  fx = await startGateway(2);
+});
+after(async () => fx?.close());
+
+async function call(method: string, path: string, body?: unknown): Promise<{ status: number; json: Json }> {
+  const res = await fetch(`${fx.baseUrl}${path}`, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
+  return { status: res.status, json: await res.json() };
+}
+
+const base = { model: 'demo-0', prompt: 'Hello', max_tokens: 2, temperature: 0 };
+
+test('OpenAI parameters this server does not apply answer 400 unsupported_parameter naming the field, not a silent 200', async () => {
+  for (const [field, value] of [
+    ['best_of', 2],
+    ['suffix', ' and then'],
+    ['response_format', { type: 'json_object' }],
+    ['tools', [{ type: 'function', function: { name: 'f' } }]],
+    ['presence_penalty', 0.5],
+    ['frequency_penalty', -0.2],
+    ['logit_bias', { '5': 10 }],
+  ] as const) {
+    const { status, json } = await call('POST', '/v1/completions', { ...base, [field]: value });
+    assert.equal(status, 400, `${field}: ${JSON.stringify(json)}`);
+    assert.equal(json.error.code, 'unsupported_parameter');
+    assert.ok(json.error.message.startsWith(`${field}:`), json.error.message);
+  }
+  // their neutral values are accepted, as OpenAI's clients send them
+  const ok = await call('POST', '/v1/completions', { ...base, best_of: 1, presence_penalty: 0, frequency_penalty: 0, logit_bias: {}, response_format: { type: 'text' }, tools: [] });
+  assert.equal(ok.status, 200, JSON.stringify(ok.json));
+});
+
+test('chat messages whose content is a list of text parts are accepted and mean their joined text; other parts are refused', async () => {
+  const parts = await call('POST', '/v1/chat/completions', { model: 'demo-model', max_tokens: 3, temperature: 0, messages: [{ role: 'user', content: [{ type: 'text', text: 'Hello' }, { type: 'text', text: 'there' }] }] });
+  const plain = await call('POST', '/v1/chat/completions', { model: 'demo-model', max_tokens: 3, temperature: 0, messages: [{ role: 'user', content: 'Hello\nthere' }] });
+  assert.equal(parts.status, 200, JSON.stringify(parts.json));
+  assert.equal(parts.json.usage.prompt_tokens, plain.json.usage.prompt_tokens);
+  assert.equal(parts.json.choices[0].message.content, plain.json.choices[0].message.content);
+  const image = await call('POST', '/v1/chat/completions', { model: 'demo-model', messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'x' } }] }] });
+  assert.equal(image.status, 400);
+  assert.equal(image.json.error.code, 'unsupported_parameter');
+  assert.match(image.json.error.message, /messages\[0\]\.content\[0\]\.type/);
+});
+
+test('GET /v1/models/{id} returns the base model and each adapter, 404 for others', async () => {
+  const b = await call('GET', '/v1/models/demo-model');
+  assert.equal(b.status, 200);
+  assert.equal(b.json.id, 'demo-model');
+  assert.equal(b.json.parent, null);
+  const a = await call('GET', '/v1/models/demo-1');
+  assert.equal(a.json.parent, 'demo-model');
+  const missing = await call('GET', '/v1/models/nope');
+  assert.equal(missing.status, 404);
+  assert.equal(missing.json.error.code, 'adapter_not_found');
+});
+
+test("an adapter may not take the served model's name (409 adapter_id_reserved), through load_lora_adapter as through PUT", async () => {
+  const res = await call('POST', '/v1/load_lora_adapter', { lora_name: 'demo-model', lora_path: `${fx.modelDir}/adapters/demo-0` });
+  assert.equal(res.status, 409, JSON.stringify(res.json));
+  assert.equal(res.json.error.code, 'adapter_id_reserved');
+  const form = new FormData();
+  form.append('adapter_config.json', new Blob(['{}']), 'adapter_config.json');
+  form.append('adapter_model.safetensors', new Blob([new Uint8Array(8)]), 'adapter_model.safetensors');
+  const put = await fetch(`${fx.baseUrl}/v1/adapters/demo-model`, { method: 'PUT', body: form });
+  assert.equal(put.status, 409);
+  assert.equal(((await put.json()) as Json).error.code, 'adapter_id_reserved');
+  assert.equal(fx.gateway.getAdapter('demo-model'), undefined);
+});
+
+test('vLLM load_lora_adapter refuses a name already loaded with 400, unless load_inplace: true makes a new version', async () => {
+  const again = await call('POST', '/v1/load_lora_adapter', { lora_name: 'demo-0', lora_path: `${fx.modelDir}/adapters/demo-1` });
+  assert.equal(again.status, 400);
+  assert.equal(again.json.error.code, 'adapter_already_loaded');
+  assert.equal(fx.gateway.getAdapter('demo-0')!.version, 1, 'the stored adapter is untouched');
+  const inplace = await fetch(`${fx.baseUrl}/v1/load_lora_adapter`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ lora_name: 'demo-0', lora_path: `${fx.modelDir}/adapters/demo-1`, load_inplace: true }) });
+  assert.equal(inplace.status, 200);
+  assert.equal(fx.gateway.getAdapter('demo-0')!.version, 2);
+});

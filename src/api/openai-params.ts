@@ -24,6 +24,10 @@ export interface SamplingBody {
   stop?: unknown;
   ignore_eos?: boolean | null;
   user?: string;
+  presence_penalty?: number | null;
+  frequency_penalty?: number | null;
+  /** Token id (as a string key, as JSON has it) → bias in [−100, 100]. */
+  logit_bias?: Record<string, number> | null;
 }
 
 /*
@@ -45,6 +49,9 @@ export const samplingProperties = {
   stop: {},
   ignore_eos: { type: ['boolean', 'null'] },
   user: { type: 'string' },
+  presence_penalty: { type: ['number', 'null'], minimum: -2, maximum: 2 },
+  frequency_penalty: { type: ['number', 'null'], minimum: -2, maximum: 2 },
+  logit_bias: { type: ['object', 'null'], additionalProperties: { type: 'number', minimum: -100, maximum: 100 } },
 } as const;
 
 /** OpenAI's default max_tokens for legacy completions. */
@@ -79,10 +86,14 @@ export function rejectUnsupported(sampling: SamplingBody): void {
   if (isSet(body.tools) && !(Array.isArray(body.tools) && body.tools.length === 0)) unsupported('tools', 'tool calling is not supported');
   if (isSet(body.tool_choice) && body.tool_choice !== 'none') unsupported('tool_choice', 'tool calling is not supported');
   if (isSet(body.functions)) unsupported('functions', 'function calling is not supported');
-  for (const f of ['presence_penalty', 'frequency_penalty'] as const) {
-    if (isSet(body[f]) && body[f] !== 0) unsupported(f, 'repetition penalties are not applied by this version (0 is accepted)');
-  }
-  if (isSet(body.logit_bias) && Object.keys(body.logit_bias as object).length > 0) unsupported('logit_bias', 'logit bias is not applied by this version ({} is accepted)');
+}
+
+/** logit_bias's keys are token ids written as strings (JSON object keys). */
+function logitBiasOf(bias: Record<string, number>): [number, number][] {
+  return Object.entries(bias).map(([k, v]) => {
+    if (!/^(0|[1-9][0-9]{0,9})$/.test(k)) throw new RequestError('REQUEST_INVALID', `logit_bias: key '${k}' is not a token id`);
+    return [Number(k), v];
+  });
 }
 
 export function samplingOf(body: SamplingBody): SamplingParams {
@@ -91,6 +102,9 @@ export function samplingOf(body: SamplingBody): SamplingParams {
     topP: body.top_p ?? 1,
     topK: body.top_k ?? -1,
     ...(body.seed === undefined || body.seed === null ? {} : { seed: body.seed }),
+    ...(isSet(body.presence_penalty) && body.presence_penalty !== 0 ? { presencePenalty: body.presence_penalty! } : {}),
+    ...(isSet(body.frequency_penalty) && body.frequency_penalty !== 0 ? { frequencyPenalty: body.frequency_penalty! } : {}),
+    ...(body.logit_bias && Object.keys(body.logit_bias).length > 0 ? { logitBias: logitBiasOf(body.logit_bias) } : {}),
   };
 }
 

@@ -59,6 +59,9 @@ export function validateRequest(model: LlamaModel, r: GenerationRequest): void {
       throw new RequestError('REQUEST_INVALID', `prompt token id ${t} is outside the vocabulary [0, ${model.config.vocabSize})`);
     }
   }
+  for (const [id] of r.sampling.logitBias ?? []) {
+    if (id >= model.config.vocabSize) throw new RequestError('REQUEST_INVALID', `logit_bias: token id ${id} is outside the vocabulary [0, ${model.config.vocabSize})`);
+  }
 }
 
 export function scored(row: Float32Array, tokenId: number, n: number): ScoredToken {

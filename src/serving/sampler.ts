@@ -10,6 +10,12 @@ export interface SamplingParams {
   /** 0 or -1 = off. */
   topK: number;
   seed?: number;
+  /** OpenAI's presence_penalty, −2…2: subtracted once from every token already generated. */
+  presencePenalty?: number;
+  /** OpenAI's frequency_penalty, −2…2: subtracted once per time a token was generated. */
+  frequencyPenalty?: number;
+  /** OpenAI's logit_bias, −100…100 per token id: added to its logit before sampling. */
+  logitBias?: [number, number][];
 }
 
 export interface TokenLogprob {
@@ -27,6 +33,13 @@ export function validateSampling(p: SamplingParams): void {
   if (!(p.topP > 0 && p.topP <= 1)) bad(`top_p must be in (0, 1], got ${p.topP}`);
   if (!Number.isInteger(p.topK) || p.topK < -1) bad(`top_k must be an integer ≥ -1, got ${p.topK}`);
   if (p.seed !== undefined && !Number.isInteger(p.seed)) bad(`seed must be an integer, got ${p.seed}`);
+  for (const [name, v] of [['presence_penalty', p.presencePenalty], ['frequency_penalty', p.frequencyPenalty]] as const) {
+    if (v !== undefined && !(v >= -2 && v <= 2)) bad(`${name} must be in [-2, 2], got ${v}`);
+  }
+  for (const [id, b] of p.logitBias ?? []) {
+    if (!Number.isInteger(id) || id < 0) bad(`logit_bias: token id ${id} is not a non-negative integer`);
+    if (!(b >= -100 && b <= 100)) bad(`logit_bias: the bias of token ${id} must be in [-100, 100], got ${b}`);
+  }
 }
 
 /**
@@ -107,7 +120,36 @@ export class TokenSampler {
     this.rng = new SeededRandom(params.seed ?? Math.floor(Math.random() * 2 ** 32));
   }
 
-  sample(logits: Float32Array): number {
+  /**
+   * The next token. Penalties and logit_bias shape the distribution sampled from, as vLLM and
+   * OpenAI apply them (on this sequence's generated tokens only):
+   *   l'[t] = l[t] + bias[t] − presence·[c[t] > 0] − frequency·c[t]
+   * Reported logprobs stay those of the raw logits.
+   */
+  sample(raw: Float32Array): number {
+    const logits = this.adjusted(raw);
+    const token = this.pick(logits);
+    if (this.counts) this.counts.set(token, (this.counts.get(token) ?? 0) + 1);
+    return token;
+  }
+
+  private counts: Map<number, number> | undefined;
+
+  private adjusted(raw: Float32Array): Float32Array {
+    const { presencePenalty = 0, frequencyPenalty = 0, logitBias } = this.params;
+    const penalized = presencePenalty !== 0 || frequencyPenalty !== 0;
+    if (penalized) this.counts ??= new Map();
+    if (!penalized && !logitBias?.length) return raw;
+    const l = Float32Array.from(raw);
+    for (const [id, b] of logitBias ?? []) {
+      if (id >= l.length) throw new RequestError('REQUEST_INVALID', `logit_bias: token id ${id} is outside the vocabulary [0, ${l.length})`);
+      l[id] += b;
+    }
+    for (const [id, c] of this.counts ?? []) l[id] -= presencePenalty + frequencyPenalty * c;
+    return l;
+  }
+
+  private pick(logits: Float32Array): number {
     const { temperature, topK, topP } = this.params;
     if (temperature === 0) return argmax(logits);
     const V = logits.length;

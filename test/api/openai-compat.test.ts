@@ -24,9 +24,7 @@ test('OpenAI parameters this server does not apply answer 400 unsupported_parame
     ['suffix', ' and then'],
     ['response_format', { type: 'json_object' }],
     ['tools', [{ type: 'function', function: { name: 'f' } }]],
-    ['presence_penalty', 0.5],
-    ['frequency_penalty', -0.2],
-    ['logit_bias', { '5': 10 }],
+    ['tool_choice', 'auto'],
   ] as const) {
     const { status, json } = await call('POST', '/v1/completions', { ...base, [field]: value });
     assert.equal(status, 400, `${field}: ${JSON.stringify(json)}`);
@@ -36,6 +34,27 @@ test('OpenAI parameters this server does not apply answer 400 unsupported_parame
   // their neutral values are accepted, as OpenAI's clients send them
   const ok = await call('POST', '/v1/completions', { ...base, best_of: 1, presence_penalty: 0, frequency_penalty: 0, logit_bias: {}, response_format: { type: 'text' }, tools: [] });
   assert.equal(ok.status, 200, JSON.stringify(ok.json));
+});
+
+test('logit_bias and frequency_penalty are applied over HTTP; out-of-range values are 400', async () => {
+  const greedy = { model: 'demo-0', prompt: 'The quick brown fox', max_tokens: 12, temperature: 0, ignore_eos: true, logprobs: 0 };
+  const ids = (json: Json) => json.choices[0].logprobs.tokens as string[];
+  const forced = await call('POST', '/v1/completions', { ...greedy, logit_bias: { '42': 100 } });
+  assert.equal(forced.status, 200, JSON.stringify(forced.json));
+  const plain = await call('POST', '/v1/completions', greedy);
+  const tokens = ids(forced.json);
+  assert.ok(tokens.every((t) => t === tokens[0]), `every token is the biased one: ${JSON.stringify(tokens)}`);
+  assert.notDeepEqual(tokens, ids(plain.json));
+  // a strong frequency penalty: no token can win twice in a row of 12 greedy steps as easily
+  const repeats = (xs: string[]) => xs.length - new Set(xs).size;
+  const penalized = await call('POST', '/v1/completions', { ...greedy, frequency_penalty: 2, presence_penalty: 2 });
+  assert.equal(penalized.status, 200);
+  assert.ok(repeats(ids(plain.json)) > 0, "greedy decoding on the demo model repeats itself");
+  assert.ok(repeats(ids(penalized.json)) < repeats(ids(plain.json)), `${JSON.stringify(ids(penalized.json))} vs ${JSON.stringify(ids(plain.json))}`);
+  for (const body of [{ presence_penalty: 3 }, { logit_bias: { '5': 101 } }, { logit_bias: { x: 1 } }, { logit_bias: { '99999999': 1 } }]) {
+    const { status, json } = await call('POST', '/v1/completions', { ...greedy, ...body });
+    assert.equal(status, 400, `${JSON.stringify(body)}: ${JSON.stringify(json)}`);
+  }
 });
 
 test('chat messages whose content is a list of text parts are accepted and mean their joined text; other parts are refused', async () => {

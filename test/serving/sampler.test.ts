@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { RequestError } from '../../src/errors.js';
 import { argmax, logSoftmax, TokenSampler, topLogprobs } from '../../src/serving/sampler.js';
+import { SeededRandom } from '../../src/model/synthetic/seeded-random.js';
 
 const logits = Float32Array.from([1, 3, 2, 3, -1, 0.5]);
 
@@ -58,5 +59,60 @@ describe('sampling', () => {
         (e: unknown) => e instanceof RequestError && e.code === 'REQUEST_INVALID',
       );
     }
+  });
+});
+
+describe('presence / frequency penalties and logit_bias (OpenAI and vLLM semantics)', () => {
+  /** The reference: l'[t] = l[t] + bias[t] − presence·[c[t] > 0] − frequency·c[t], in float64, argmax. */
+  function referenceGreedy(rows: Float32Array[], presence: number, frequency: number, bias: Map<number, number>): number[] {
+    const counts = new Map<number, number>();
+    return rows.map((row) => {
+      let best = -1;
+      let bestV = -Infinity;
+      row.forEach((x, t) => {
+        const c = counts.get(t) ?? 0;
+        const v = x + (bias.get(t) ?? 0) - (c > 0 ? presence : 0) - frequency * c;
+        if (v > bestV) {
+          bestV = v;
+          best = t;
+        }
+      });
+      counts.set(best, (counts.get(best) ?? 0) + 1);
+      return best;
+    });
+  }
+
+  test('greedy choices under penalties and bias match the reference over 40 steps of random logits', () => {
+    const rng = new SeededRandom(9);
+    // a few tokens clearly ahead, so that without penalties the same ones repeat
+    const rows = Array.from({ length: 40 }, () => Float32Array.from({ length: 50 }, (_, t) => (t < 4 ? 3 : 0) + rng.normal() * 0.3));
+    for (const [presence, frequency] of [
+      [0, 0],
+      [0.8, 0],
+      [0, 0.6],
+      [1.5, -0.3],
+      [-1, 2],
+    ]) {
+      const bias: [number, number][] = [
+        [7, 2.5],
+        [1, -1],
+      ];
+      const s = new TokenSampler({ temperature: 0, topP: 1, topK: -1, presencePenalty: presence, frequencyPenalty: frequency, logitBias: bias });
+      const got = rows.map((r) => s.sample(r));
+      assert.deepEqual(got, referenceGreedy(rows, presence, frequency, new Map(bias)), `presence ${presence}, frequency ${frequency}`);
+    }
+  });
+
+  test('logit_bias of +100 makes a token certain and −100 makes it impossible, at temperature 1', () => {
+    const logits = Float32Array.from({ length: 30 }, (_, t) => (t === 3 ? 5 : 0));
+    const up = new TokenSampler({ temperature: 1, topP: 1, topK: -1, seed: 1, logitBias: [[11, 100]] });
+    assert.ok(Array.from({ length: 200 }, () => up.sample(logits)).every((t) => t === 11));
+    const down = new TokenSampler({ temperature: 1, topP: 1, topK: -1, seed: 2, logitBias: [[3, -100]] });
+    assert.ok(Array.from({ length: 200 }, () => down.sample(logits)).every((t) => t !== 3));
+  });
+
+  test('out-of-range penalties and biases are refused', () => {
+    assert.throws(() => new TokenSampler({ temperature: 0, topP: 1, topK: -1, presencePenalty: 2.5 }), /presence_penalty/);
+    assert.throws(() => new TokenSampler({ temperature: 0, topP: 1, topK: -1, logitBias: [[1, 101]] }), /logit_bias/);
   });
 });

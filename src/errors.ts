@@ -43,6 +43,7 @@ export type ErrorCode =
   | 'CONFIG_INVALID'
   | 'BACKEND_UNAVAILABLE'
   | 'ENGINE_FAILED'
+  | 'LISTEN_FAILED'
   // federation (src/federation)
   | 'FEDERATION_DISABLED'
   | 'FED_JOB_INVALID'

@@ -273,6 +273,12 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`error ${err.code}: ${err.message}\n`);
       return 1;
     }
+    // a system error (a file that cannot be read, a socket that cannot open): one line, not a stack
+    const code = (err as NodeJS.ErrnoException).code;
+    if (typeof code === 'string' && /^E[A-Z]+$/.test(code)) {
+      process.stderr.write(`error ${code}: ${(err as Error).message}\n`);
+      return 1;
+    }
     throw err;
   }
 }

@@ -1,6 +1,7 @@
 import { existsSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
+import { LoraGatewayError } from '../errors.js';
 import { buildApp } from '../api/app.js';
 import { FederationMetrics } from '../api/federation-metrics.js';
 import { GatewayMetrics } from '../api/metrics.js';
@@ -104,7 +105,18 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     log('federation off (start with --redis URL to run federated training jobs)');
   }
   const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator });
-  const url = await app.listen({ host: cfg.host, port: cfg.port });
+  let url: string;
+  try {
+    url = await app.listen({ host: cfg.host, port: cfg.port });
+  } catch (err) {
+    // the engine thread and the federation queues are up: stop them, then say why in one line
+    await app.close().catch(() => undefined);
+    await coordinator?.close().catch(() => undefined);
+    await gateway.close().catch(() => undefined);
+    const code = (err as NodeJS.ErrnoException).code;
+    const why = code === 'EADDRINUSE' ? 'is already in use' : code === 'EACCES' ? 'needs privileges this process lacks' : code === 'EADDRNOTAVAIL' ? 'is not an address of this machine' : `failed (${(err as Error).message})`;
+    throw new LoraGatewayError('LISTEN_FAILED', `cannot listen on ${cfg.host}:${cfg.port}: the address ${why} (choose another with --host / --port)`, { cause: err });
+  }
   const adapters = gateway.listAdapters();
   log(`serving ${modelId} with ${adapters.length} adapters at ${url} (device pool ${gateway.poolCapacity} pages)`);
   const example = adapters[0]?.id ?? modelId;

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
@@ -41,5 +42,26 @@ test('serve without --model creates the demo model, prints a working curl line, 
     assert.equal(tooBig.status, 413);
   } finally {
     child.kill('SIGTERM');
+  }
+});
+
+test('a taken port ends serve with exit code 1 and one clear error line, no stack trace', async () => {
+  const blocker = createServer();
+  await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', () => r()));
+  const port = (blocker.address() as { port: number }).port;
+  const dataDir = await mkdtemp(join(tmpdir(), 'lora-gateway-port-'));
+  try {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--data', dataDir, '--port', String(port), '--backend', 'wasm'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr!.on('data', (d) => (stderr += d));
+    const code = await new Promise<number | null>((r) => child.once('exit', r));
+    assert.equal(code, 1, stderr);
+    const errors = stderr.split('\n').filter((l) => /error/i.test(l));
+    assert.equal(errors.length, 1, stderr);
+    assert.match(errors[0], new RegExp(`^error LISTEN_FAILED: cannot listen on 127\\.0\\.0\\.1:${port}: the address is already in use`));
+    assert.ok(!/\n\s+at /.test(stderr), `no stack trace:\n${stderr}`);
+  } finally {
+    blocker.close();
+    await rm(dataDir, { recursive: true, force: true });
   }
 });

@@ -1,3 +1,4 @@
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { buildDemoTokenizer } from '../model/tokenizer/demo-tokenizer.js';
 import { peftConfigJson, writeModelFolder, writePeftAdapter } from '../model/synthetic/hf-folder-writer.js';
@@ -59,6 +60,8 @@ export async function writeDemoModel(dir: string, options: DemoModelOptions): Pr
     generationConfig: tok.generationConfig,
   });
   const config = parseModelConfig(configJson);
+  // the folder holds exactly these adapters: ones left by an earlier run with more would be stale
+  await rm(join(dir, 'adapters'), { recursive: true, force: true });
   const adapterDirs: string[] = [];
   for (let i = 0; i < options.adapters; i++) {
     const rank = DEMO_RANKS[i % DEMO_RANKS.length];

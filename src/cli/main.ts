@@ -24,7 +24,7 @@ Usage:
                         [--logprobs N] [--echo] [--ignore-eos] [--json]
   lora-gateway generate --model DIR --batch FILE.jsonl
   lora-gateway demo-model --out DIR [--adapters N] [--dtype F32|F16|BF16]
-  lora-gateway demo [--data DIR]
+  lora-gateway demo [--data DIR]     (one batch on the demo model in DIR/demo-model, as serve uses it)
   lora-gateway serve [--model DIR] [--adapter-dir DIR] [--host H] [--port P] [--served-model-name NAME]
                      [--data DIR] [--device-memory 256MiB] [--host-memory 1GiB] [--max-running-seqs N]
                      [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N] [--body-limit 256MiB]
@@ -161,12 +161,14 @@ async function demoModel(flags: Flags): Promise<void> {
 
 /** `npm start`: make the demo model once, then run one heterogeneous batch over its adapters. */
 async function demo(flags: Flags, config: EngineConfig): Promise<void> {
-  const dir = resolve(flags.data ?? 'data/demo-model');
+  // --data is the data folder, as for serve: the demo model lives in <data>/demo-model
+  const dir = resolve(flags.data ?? process.env.LORA_GATEWAY_DATA_DIR ?? 'data', 'demo-model');
   if (!existsSync(join(dir, 'config.json'))) {
     logToStderr(`creating the demo model in ${dir} ...`);
     await writeDemoModel(dir, { adapters: 4 });
   }
-  const adapterNames = (await readdir(join(dir, 'adapters'))).sort();
+  // a model folder without adapters runs the base model alone
+  const adapterNames = existsSync(join(dir, 'adapters')) ? (await readdir(join(dir, 'adapters'))).sort() : [];
   const ctx = await openModel(config, dir);
   try {
     const lines = [null, ...adapterNames].map((name, i) => ({
@@ -181,7 +183,8 @@ async function demo(flags: Flags, config: EngineConfig): Promise<void> {
     const results = await runBatchLines(ctx, lines);
     logToStderr(`one batch, ${lines.length} sequences, each with its own adapter (random weights: the text is gibberish):`);
     for (const r of results) process.stdout.write(`${JSON.stringify(r)}\n`);
-    logToStderr(`\ntry: node dist/cli/main.js generate --model ${dir} --adapter ${join(dir, 'adapters', adapterNames[0] ?? '')} --prompt "Hello" --logprobs 3 --json`);
+    const adapterFlag = adapterNames.length > 0 ? ` --adapter ${join(dir, 'adapters', adapterNames[0])}` : '';
+    logToStderr(`\ntry: node dist/cli/main.js generate --model ${dir}${adapterFlag} --prompt "Hello" --logprobs 3 --json`);
   } finally {
     await closeModel(ctx);
   }

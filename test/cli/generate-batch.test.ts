@@ -237,6 +237,22 @@ describe('the lora-gateway command', () => {
     assert.match(stdout, /^lora-gateway \d+\.\d+\.\d+\n$/);
   });
 
+  test('demo-model into a folder that had more adapters leaves exactly the new ones; demo runs on a model with none', async () => {
+    const data = join(root, 'demo-data');
+    const dir = join(data, 'demo-model');
+    const cli = (...args: string[]) => run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args]);
+    await cli('demo-model', '--out', dir, '--adapters', '3');
+    await cli('demo-model', '--out', dir, '--adapters', '1');
+    const { readdir } = await import('node:fs/promises');
+    assert.deepEqual((await readdir(join(dir, 'adapters'))).sort(), ['demo-0']);
+    await cli('demo-model', '--out', dir, '--adapters', '0');
+    // --data is the data folder for demo as for serve: the model is <data>/demo-model
+    const { stdout } = await cli('demo', '--data', data, '--backend', 'wasm');
+    const lines = stdout.trim().split('\n').map((l) => JSON.parse(l));
+    assert.equal(lines.length, 1, 'the base model alone');
+    assert.equal(lines[0].id, 'base');
+  });
+
   test('demo-model writes a loadable model with adapters; streamed text equals the JSON text', async () => {
     const dir = join(root, 'demo');
     const cli = (...args: string[]) => run(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args]);

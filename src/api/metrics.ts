@@ -52,18 +52,29 @@ export class GatewayMetrics {
         this.set({ kind: 'capacity' }, p.capacity);
       },
     });
-    new Gauge({
-      name: 'lora_gateway_adapter_events',
-      help: 'Cumulative adapter loads and evictions by tier, and host-cache hits and misses',
+    // the pager's counters only grow, so each scrape adds what happened since the last one: a
+    // Prometheus counter (rate() and increase() need one, and see the restart when they reset)
+    const seen = new Map<string, number>();
+    new Counter({
+      name: 'lora_gateway_adapter_events_total',
+      help: 'Adapter loads and evictions by tier, and host-cache hits and misses',
       labelNames: ['event', 'tier'],
       registers: r,
       collect() {
         const c = engine.stats().pager;
-        this.set({ event: 'load', tier: 'device' }, c.deviceLoads);
-        this.set({ event: 'eviction', tier: 'device' }, c.deviceEvictions);
-        this.set({ event: 'eviction', tier: 'host' }, c.hostEvictions);
-        this.set({ event: 'hit', tier: 'host' }, c.hostHits);
-        this.set({ event: 'miss', tier: 'host' }, c.hostMisses);
+        const events: [string, string, number][] = [
+          ['load', 'device', c.deviceLoads],
+          ['eviction', 'device', c.deviceEvictions],
+          ['eviction', 'host', c.hostEvictions],
+          ['hit', 'host', c.hostHits],
+          ['miss', 'host', c.hostMisses],
+        ];
+        for (const [event, tier, total] of events) {
+          const key = `${event}/${tier}`;
+          const delta = total - (seen.get(key) ?? 0);
+          seen.set(key, total);
+          this.inc({ event, tier }, Math.max(0, delta));
+        }
       },
     });
   }

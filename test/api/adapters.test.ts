@@ -173,7 +173,12 @@ describe('adapter management over HTTP', () => {
       assert.match(line, /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? -?[0-9.e+Inf-]+$/, line);
     }
     assert.match(text, /lora_gateway_pool_pages\{kind="capacity"\} \d+/);
-    assert.match(text, /lora_gateway_adapter_events\{event="load",tier="device"\}/);
+    assert.match(text, /# TYPE lora_gateway_adapter_events_total counter/);
+    // a counter that tracks the pager's cumulative loads across scrapes
+    const loads = (t: string) => Number(/lora_gateway_adapter_events_total\{event="load",tier="device"\} (\d+)/.exec(t)![1]);
+    assert.equal(loads(text), fx.gateway.stats().pager.deviceLoads);
+    const again = await (await fetch(`${fx.baseUrl}/metrics`)).text();
+    assert.equal(loads(again), fx.gateway.stats().pager.deviceLoads, 'a second scrape does not count the same loads twice');
   });
 
   test('every series the Grafana dashboard queries is exported, the Federation row once federation metrics share the registry', async () => {

@@ -88,6 +88,27 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
     },
   );
 
+  // every stored version, oldest first, with where it came from (an upload or a federated round)
+  app.get<{ Params: { id: string } }>('/v1/adapters/:id/versions', { schema: { params: idParam } }, async (req) => {
+    const latest = engine.getAdapter(req.params.id);
+    if (!latest) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${req.params.id}' does not exist`);
+    const data = [];
+    for (let v = 1; v <= latest.version; v++) {
+      const r = await engine.getAdapterVersion(req.params.id, v);
+      if (!r) continue;
+      const p = r.provenance as { job?: string; round?: number; method?: string } | undefined;
+      data.push({
+        version: r.version,
+        rank: r.rank,
+        size_bytes: r.sizeBytes,
+        sha256: r.sha256,
+        source: p?.job ? { kind: 'federated_round', job: p.job, round: p.round, method: p.method } : { kind: 'upload' },
+        ...(r.provenance ? { provenance: r.provenance } : {}),
+      });
+    }
+    return { object: 'list', id: req.params.id, data };
+  });
+
   app.put<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req, reply) => {
     if (!req.isMultipart()) {
       throw new RequestError('REQUEST_INVALID', 'upload the adapter as multipart/form-data with files adapter_config.json and adapter_model.safetensors');

@@ -103,3 +103,17 @@ test('vLLM load_lora_adapter refuses a name already loaded with 400, unless load
   assert.equal(inplace.status, 200);
   assert.equal(fx.gateway.getAdapter('demo-0')!.version, 2);
 });
+
+test('GET /v1/adapters/{id}/versions lists every stored version, oldest first, with its source', async () => {
+  // demo-0 has two versions by now: the registration, and the load_inplace above
+  const { status, json } = await call('GET', '/v1/adapters/demo-0/versions');
+  assert.equal(status, 200);
+  assert.deepEqual(json.data.map((v: Json) => v.version), [1, 2]);
+  for (const v of json.data) {
+    assert.deepEqual(v.source, { kind: 'upload' });
+    assert.match(v.sha256.weights, /^[0-9a-f]{64}$/);
+  }
+  assert.notEqual(json.data[0].sha256.weights, json.data[1].sha256.weights, 'the versions hold different files');
+  const missing = await call('GET', '/v1/adapters/nope/versions');
+  assert.equal(missing.status, 404);
+});

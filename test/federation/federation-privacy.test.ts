@@ -78,6 +78,8 @@ describe('differential privacy and robust aggregation over real fed-client proce
     assert.equal(json.provenance.privacy.rounds_accounted, 2);
     assert.equal(json.provenance.privacy.noise_multiplier, 1.1);
     assert.equal(json.provenance.privacy.clip_norm, 0.05);
+    const versions = (await api<{ data: { version: number; source: { kind: string; job: string; round: number } }[] }>('GET', '/v1/adapters/dp-ffa/versions')).json.data;
+    assert.deepEqual(versions.map((v) => [v.version, v.source.kind, v.source.job, v.source.round]), job.versions.map((v, i) => [v, 'federated_round', job.id, i + 1]));
     assert.equal(job.privacy!.epsilon, epsilonOf([{ noiseMultiplier: 1.1, sampleRate: 1, steps: 2 }], 1e-5).epsilon);
     assert.deepEqual(job.privacy!.history, [{ noise_multiplier: 1.1, sample_rate: 1, steps: 2 }]);
     const r1 = job.history.find((r) => r.round === 1)!;

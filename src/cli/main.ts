@@ -9,6 +9,7 @@ import { LoraGatewayError } from '../errors.js';
 import { resolveBackend } from '../model/backend/backend.js';
 import type { LlamaModel } from '../model/forward/llama-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
+import { COMMAND_HELP } from './command-help.js';
 import { writeDemoModel } from './demo-model-command.js';
 import { runFedClient } from './fed-client-command.js';
 import { privacyEpsilon } from './privacy-epsilon-command.js';
@@ -35,6 +36,8 @@ Usage:
       ε of DP-SGD / DP-FedAvg by the RDP accountant (as Opacus), or the σ that meets a target ε
   lora-gateway fed-client --redis URL --client-id ID --data PATH --model DIR [--federation-prefix P] [--poison scale:K]
       one federation client: trains on its own text (.txt, folder, or .jsonl with "text"), uploads only LoRA updates
+
+Each command's own options: lora-gateway <command> --help
 
 Engine options (also LORA_GATEWAY_BACKEND, LORA_GATEWAY_MAX_LORA_RANK, LORA_GATEWAY_LORA_STRATEGY):
   --backend auto|tensorflow|wasm|cpu   tensor backend (auto: tfjs-node-gpu, tfjs-node, then wasm)
@@ -229,6 +232,10 @@ export async function main(argv: string[]): Promise<number> {
   }
   const { values: flags, positionals } = parsed;
   const command = positionals[0];
+  if (flags.help && command && COMMAND_HELP[command]) {
+    process.stdout.write(COMMAND_HELP[command]);
+    return 0;
+  }
   if (flags.help || !command) {
     process.stdout.write(USAGE);
     return command || flags.help ? 0 : 2;

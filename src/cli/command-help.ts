@@ -1,0 +1,79 @@
+/**
+ * `lora-gateway <command> --help`: each command's own options, one line each (the overview of
+ * all commands is main.ts's USAGE).
+ */
+const ENGINE = `
+Engine options (also LORA_GATEWAY_BACKEND, LORA_GATEWAY_MAX_LORA_RANK, LORA_GATEWAY_LORA_STRATEGY):
+  --backend auto|tensorflow|wasm|cpu   tensor backend (auto: tfjs-node-gpu, tfjs-node, then wasm)
+  --max-lora-rank N                    largest adapter rank accepted (default 64)
+  --lora-strategy auto|stacked|segmented   how the batched LoRA op runs (default auto)
+`;
+
+export const COMMAND_HELP: Record<string, string> = {
+  serve: `lora-gateway serve — many LoRA adapters of one model over an OpenAI-compatible HTTP API
+
+Usage: lora-gateway serve [options]
+
+  --model DIR                    Hugging Face model folder (default: the demo model, made once in DATA/demo-model)
+  --adapter-dir DIR              register every sub-folder as an adapter at startup (id = folder name)
+  --host H                       listen address (default 127.0.0.1; LORA_GATEWAY_HOST)
+  --port P                       listen port (default 8000; LORA_GATEWAY_PORT; 0 = any free port)
+  --served-model-name NAME       the base model's id in "model" (default: the model folder's name)
+  --data DIR                     data folder: adapter store and demo model (default ./data; LORA_GATEWAY_DATA_DIR)
+  --device-memory SIZE           page pool for KV cache and adapters (default 256MiB; LORA_GATEWAY_DEVICE_MEMORY)
+  --host-memory SIZE             host cache of adapters read from disk (default 1GiB; LORA_GATEWAY_HOST_MEMORY)
+  --max-running-seqs N           sequences decoding at once (default 64)
+  --max-batch-tokens N           prompt tokens prefilled per step (default 2048)
+  --max-adapters-per-batch N     distinct adapters in one step (default 64)
+  --max-waiting N                queued requests before HTTP 429 (default 256)
+  --body-limit SIZE              largest request body or uploaded file (default 256MiB; LORA_GATEWAY_BODY_LIMIT)
+  --engine-thread on|off         run the engine on its own worker thread (default on; LORA_GATEWAY_ENGINE_THREAD)
+  --redis URL                    Redis for federated training jobs (default off; LORA_GATEWAY_REDIS_URL)
+  --federation-prefix P          prefix of every federation key and queue (default lora-gateway)
+  --federation-keep-updates on|off   keep accepted updates for the audit route (default on)
+${ENGINE}`,
+  generate: `lora-gateway generate — one prompt, or a JSONL batch in one heterogeneous batch
+
+Usage: lora-gateway generate --model DIR [options] (--prompt TEXT | --prompt-ids 1,2,3 | --batch FILE.jsonl)
+
+  --model DIR          Hugging Face model folder
+  --adapter DIR        a PEFT adapter folder (default: the base model)
+  --prompt TEXT        prompt text (tokenized with the model's tokenizer, BOS added)
+  --prompt-ids LIST    prompt token ids, comma-separated
+  --batch FILE         one JSON request per line; one JSON result line out per line in, same order
+  --max-tokens N       tokens to generate (default 16)
+  --temperature T      0 = greedy (default 0)
+  --top-p P            nucleus sampling (default 1)
+  --top-k K            top-k sampling (default -1 = off)
+  --seed S             sampling seed
+  --logprobs N         top-N logprobs per generated token (0–20)
+  --echo               also score the prompt's tokens
+  --ignore-eos         keep generating past end-of-sequence
+  --json               print the result as one JSON line (default: the text, streamed)
+${ENGINE}`,
+  'demo-model': `lora-gateway demo-model — a tiny Llama in the Hugging Face layout with PEFT adapters of mixed ranks
+
+Usage: lora-gateway demo-model --out DIR [options]
+
+  --out DIR                 model folder to write; DIR/adapters holds exactly the adapters written
+  --adapters N              PEFT adapters to write (default 4)
+  --dtype F32|F16|BF16      weight dtype (default F32)
+`,
+  demo: `lora-gateway demo — one heterogeneous batch over the demo model's adapters
+
+Usage: lora-gateway demo [--data DIR]
+
+  --data DIR     data folder, as for serve: the demo model is DIR/demo-model, made once (default ./data)
+${ENGINE}`,
+  'fed-client': `lora-gateway fed-client — one federation client: trains on its own text, uploads only LoRA updates
+
+Usage: lora-gateway fed-client --redis URL --client-id ID --data PATH --model DIR [options]
+
+  --redis URL              the gateway's Redis (LORA_GATEWAY_REDIS_URL)
+  --client-id ID           this client's id: 1–64 letters, digits, ".", "_" or "-"
+  --data PATH              its text: a .txt file, a .jsonl file with a "text" field, or a folder of them
+  --model DIR              the same model folder as the gateway's (checked by fingerprint)
+  --federation-prefix P    as the gateway's --federation-prefix (default lora-gateway)
+  --poison scale:K         test mode: upload the update's change ×K (robust-aggregation tests only)
+${ENGINE}`,
+};

@@ -77,9 +77,12 @@ export class SequenceKvCache {
   }
 }
 
-/** Free columns a decode batch keeps past its longest row, so most steps write in place. */
-function headroom(columns: number): number {
-  return Math.max(16, Math.ceil(columns / 4));
+/**
+ * Columns allocated for a longest row of `columns` tokens: headroom of max(16, ¼ of it) past
+ * it, so most decode steps write in place.
+ */
+function allocatedFor(columns: number): number {
+  return columns + Math.max(16, Math.ceil(columns / 4));
 }
 
 /**
@@ -169,7 +172,7 @@ export class DecodeBatchCache {
   ): DecodeBatchCache {
     const lengths = rows.map((r) => ('row' in r ? previous!.lengths[r.row] : r.cache.length));
     const longest = Math.max(...lengths);
-    const cap = longest + headroom(longest);
+    const cap = allocatedFor(longest);
     const numLayers = 'row' in rows[0] ? previous!.kT.length : rows[0].cache.numLayers;
     const kT: tf.Tensor4D[] = [];
     const v: tf.Tensor4D[] = [];
@@ -217,8 +220,8 @@ export class DecodeBatchCache {
    * column len_b of row b and returns the layer's whole cache. Called inside the forward's tidy.
    */
   appendColumn(layer: number, kTNew: tf.Tensor4D, vNew: tf.Tensor4D): { kT: tf.Tensor4D; v: tf.Tensor4D } {
-    const longest = Math.max(...this.lengths);
-    if (longest + 1 > this.capacity || this.kT[layer].shape[3] < longest + 1) this.grow(layer, longest + 1);
+    const target = this.stepCapacity();
+    if (this.kT[layer].shape[3] < target) this.grow(layer, target);
     const [B, kvH, d, cap] = this.kT[layer].shape;
     const lengths = this.lengths;
     const wroteK = writeInPlace(this.kT[layer], kTNew, (to, from) => {
@@ -252,9 +255,19 @@ export class DecodeBatchCache {
     return { kT: this.kT[layer], v: this.v[layer] };
   }
 
-  /** Copies one layer into a larger allocation holding at least `columns` columns. */
+  /**
+   * The capacity every layer has during the step about to append one column: the current one
+   * while the longest row still fits, else allocatedFor(longest + 1). Layer 0 grows first, and
+   * the other layers then read the grown capacity, so all layers and the mask agree.
+   */
+  private stepCapacity(): number {
+    const needed = Math.max(...this.lengths) + 1;
+    return needed > this.capacity ? allocatedFor(needed) : this.capacity;
+  }
+
+  /** Copies one layer into a larger allocation of `columns` columns. */
   private grow(layer: number, columns: number): void {
-    const extra = columns + headroom(columns) - this.kT[layer].shape[3];
+    const extra = columns - this.kT[layer].shape[3];
     const [k, v] = tf.tidy(() => [
       tf.pad(this.kT[layer], [[0, 0], [0, 0], [0, 0], [0, extra]]) as tf.Tensor4D,
       tf.pad(this.v[layer], [[0, 0], [0, 0], [0, extra], [0, 0]]) as tf.Tensor4D,
@@ -278,8 +291,7 @@ export class DecodeBatchCache {
    * for the capacity after this step's growth, which appendColumn applies to every layer.
    */
   stepMask(): tf.Tensor4D {
-    const longest = Math.max(...this.lengths);
-    const cols = longest + 1 > this.capacity ? longest + 1 + headroom(longest + 1) : this.capacity;
+    const cols = this.stepCapacity();
     const m = new Float32Array(this.rows * cols).fill(MASKED);
     for (let b = 0; b < this.rows; b++) {
       const end = this.lengths[b] + 1;
@@ -296,7 +308,7 @@ export class DecodeBatchCache {
   keepRows(rows: number[]): void {
     const lengths = rows.map((r) => this.lengths[r]);
     const longest = Math.max(0, ...lengths);
-    const cap = 2 * (longest + headroom(longest)) < this.capacity ? longest + headroom(longest) : this.capacity;
+    const cap = 2 * allocatedFor(longest) < this.capacity ? allocatedFor(longest) : this.capacity;
     for (let l = 0; l < this.kT.length; l++) {
       const [k, v] = tf.tidy(() => {
         const idx = tf.tensor1d(rows, 'int32');

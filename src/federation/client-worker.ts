@@ -11,7 +11,7 @@ import { ClientRegistry, type ClientHeartbeat } from './client-registry.js';
 import { FederationKeys } from './federation-keys.js';
 import { CLIENT_ID_RE } from './job-spec.js';
 import { encodeGradients } from './gradient-codec.js';
-import { fullWeightGradients, localSteps, meanLoss, trainLocal } from './local-trainer.js';
+import { dpSgdRound, fullWeightGradients, meanLoss, trainLocal } from './local-trainer.js';
 import { moduleSpecsFor, seededLoraA } from './lora-init.js';
 import { epsilonOf } from './privacy/rdp-accountant.js';
 import type { FactorSet, ModuleFactors } from './lora-factors.js';
@@ -205,8 +205,7 @@ export class FedClientWorker {
   private checkBudget(task: TrainTask, n: number): void {
     const dp = task.dp!;
     if (dp.targetEpsilon === undefined) return;
-    const sampleRate = Math.min(1, task.local.batchSize / n);
-    const steps = localSteps(task.local, n);
+    const { sampleRate, steps } = dpSgdRound(task.local, n);
     const { epsilon } = epsilonOf([...dp.prior, { noiseMultiplier: dp.noiseMultiplier, sampleRate, steps }], dp.delta);
     if (epsilon > dp.targetEpsilon) {
       throw new UnrecoverableError(`privacy_budget_exhausted: this round (${steps} DP-SGD steps at q = ${sampleRate.toPrecision(4)}) would take client '${task.client}' to ε = ${epsilon.toPrecision(6)}, past target_epsilon ${dp.targetEpsilon}`);

@@ -47,9 +47,13 @@ export interface LocalTrainingResult {
   dp?: { sampleRate: number; clipped: number };
 }
 
-/** Local steps for n windows: `steps`, or ⌈epochs · ⌈n / batchSize⌉⌉ (one epoch by default); the server's accountant uses the same count. */
-export function localSteps(spec: Pick<LocalTrainingSpec, 'steps' | 'epochs' | 'batchSize'>, n: number): number {
-  return stepCount(spec, Math.ceil(n / spec.batchSize));
+/**
+ * One round of DP-SGD on n windows, as the trainer runs it and the accountants (the client's
+ * budget check, the server's per-client ε) count it: sampling rate q = batchSize / n (at most 1)
+ * and `steps`, or ⌈epochs · ⌈n / batchSize⌉⌉ (one epoch by default).
+ */
+export function dpSgdRound(spec: Pick<LocalTrainingSpec, 'steps' | 'epochs' | 'batchSize'>, n: number): { sampleRate: number; steps: number } {
+  return { sampleRate: Math.min(1, spec.batchSize / n), steps: stepCount(spec, Math.ceil(n / spec.batchSize)) };
 }
 
 function jobInvalid(message: string): never {
@@ -112,7 +116,7 @@ export async function trainLocal(model: LlamaModel, windows: Int32Array[], spec:
   try {
     const vars = trainable.variables;
     const schedule = batchSchedule(windows.length, spec.batchSize, spec.seed);
-    const sampleRate = Math.min(1, spec.batchSize / windows.length);
+    const { sampleRate } = dpSgdRound(spec, windows.length);
     const dp = spec.dp && new DpSgd({ ...spec.dp, sampleRate }, new GaussianNoise(randomBytes(32), 'dp-sgd'));
     let clipped = 0;
     for (let step = 1; step <= steps; step++) {

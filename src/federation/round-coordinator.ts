@@ -97,7 +97,7 @@ export class RoundCoordinator {
   async submit(input: unknown): Promise<JobRecord> {
     const spec = parseJobSpec(input, this.opts.model, this.opts.maxLoraRank);
     // a DP job's plan (σ, planned ε) at today's sampling rate; refused when it overspends
-    const privacy = spec.dp ? planPrivacy(spec, await this.compatibleClients()) : undefined;
+    const privacy = spec.dp ? planPrivacy(spec, this.compatibleCount(await this.registry.live())) : undefined;
     const now = Date.now();
     const rec: JobRecord = { id: `fj-${randomBytes(6).toString('hex')}`, spec, state: 'queued', createdAt: now, updatedAt: now, roundsDone: 0, history: [], versions: [], ...(privacy ? { privacy } : {}) };
     // the noise key lives under its own key, never in the record the routes return
@@ -142,8 +142,8 @@ export class RoundCoordinator {
   }
 
   /** Live clients whose base model is the server's (the population a DP job samples from). */
-  private async compatibleClients(): Promise<number> {
-    return (await this.registry.live()).filter((c) => c.fingerprint === this.opts.fingerprint).length;
+  private compatibleCount(live: ClientHeartbeat[]): number {
+    return live.filter((c) => c.fingerprint === this.opts.fingerprint).length;
   }
 
   async clients(): Promise<(ClientHeartbeat & { compatible: boolean })[]> {
@@ -257,7 +257,7 @@ export class RoundCoordinator {
         }
       }
       if (rec.privacy?.level === 'client' && current.kind === 'train') {
-        const q = roundSampleRate(rec.spec, live.filter((c) => c.fingerprint === this.opts.fingerprint).length);
+        const q = roundSampleRate(rec.spec, this.compatibleCount(live));
         const target = rec.privacy.target_epsilon;
         const after = epsilonAfterRound(rec.privacy, q);
         if (target !== undefined && after.epsilon > target) {

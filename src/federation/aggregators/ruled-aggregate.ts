@@ -1,7 +1,7 @@
 import { FederationError } from '../../errors.js';
 import { seededLoraA } from '../lora-init.js';
 import type { FactorSet, FedMethod, ModuleFactors } from '../lora-factors.js';
-import { lowRankGram, matmul, matrix, type Matrix } from '../low-rank.js';
+import { frobeniusOfSum, lowRankGram, matmul, matrix, type Matrix } from '../low-rank.js';
 import { checkModuleSets, clientModule, exampleWeights, requireFactor, type ClientUpdate, type FactorKey } from './client-update.js';
 import { aggregateFlora } from './flora.js';
 import { GaussianNoise } from './gaussian-noise.js';
@@ -198,13 +198,9 @@ export function ruledFlora(previous: FactorSet | undefined, updates: readonly Up
     const m = clientModule(u, like, ['a', 'b']);
     return { like: m, a: f64(m.a!), b: f64(m.b!) };
   }));
-  const productNorm = (k: number) => {
-    const g = blocks[k].reduce((s, m) => {
-      const t = lowRankGram([{ b: matrix(m.like.outFeatures, m.like.rank, m.b), a: matrix(m.like.rank, m.like.inFeatures, m.a) }]);
-      return s + t.data[0];
-    }, 0);
-    return updates[k].scale * Math.sqrt(Math.max(0, g));
-  };
+  // ‖s_k·B_k·A_k‖_F over all modules, from the r×r Gram products
+  const productNorm = (k: number) =>
+    Math.sqrt(blocks[k].reduce((s, m) => s + frobeniusOfSum([{ coef: updates[k].scale, b: matrix(m.like.outFeatures, m.like.rank, m.b), a: matrix(m.like.rank, m.like.inFeatures, m.a) }]) ** 2, 0));
   updates.forEach((u, k) => {
     const n = productNorm(k);
     stats.norms[u.client] = n;

@@ -1,7 +1,7 @@
 import { FederationError } from '../../errors.js';
 import type { JobPrivacy } from '../job-record.js';
 import type { JobSpec } from '../job-spec.js';
-import { localSteps } from '../local-trainer.js';
+import { dpSgdRound } from '../local-trainer.js';
 import { addStep, epsilonOf, noiseMultiplierFor, type MechanismSteps } from './rdp-accountant.js';
 
 /**
@@ -68,14 +68,12 @@ export function accountRound(privacy: JobPrivacy, q: number): JobPrivacy {
 
 /** One client's DP-SGD in one round: steps at q = batch_size / n (the trainer's own count). */
 export function clientRoundSteps(spec: JobSpec, examples: number): { sampleRate: number; steps: number } {
-  return { sampleRate: Math.min(1, spec.local.batch_size / examples), steps: localSteps({ steps: spec.local.steps, epochs: spec.local.epochs, batchSize: spec.local.batch_size }, examples) };
+  return dpSgdRound({ steps: spec.local.steps, epochs: spec.local.epochs, batchSize: spec.local.batch_size }, examples);
 }
 
 /** Sample level: a client's ε after one more round of its DP-SGD, from its history in this job. */
 export function clientEpsilonAfter(privacy: JobPrivacy, client: string, sampleRate: number, steps: number): { epsilon: number; order: number; history: MechanismSteps[] } {
-  const prior = privacy.clients?.[client]?.history ?? [];
-  const last = prior[prior.length - 1];
-  const history = last && last.noiseMultiplier === privacy.noise_multiplier && last.sampleRate === sampleRate ? [...prior.slice(0, -1), { ...last, steps: last.steps + steps }] : [...prior, { noiseMultiplier: privacy.noise_multiplier, sampleRate, steps }];
+  const history = addStep(privacy.clients?.[client]?.history ?? [], privacy.noise_multiplier, sampleRate, steps);
   return { ...epsilonOf(history, privacy.delta), history };
 }
 

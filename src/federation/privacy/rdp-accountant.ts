@@ -145,13 +145,13 @@ export function epsilonOf(history: readonly MechanismSteps[], delta: number, ord
   return privacySpent(orders, total, delta);
 }
 
-/** Appends one step to a history, merging it into the last stretch when (σ, q) are the same (as Opacus does). */
-export function addStep(history: MechanismSteps[], noiseMultiplier: number, sampleRate: number): MechanismSteps[] {
+/** Appends `steps` steps (one by default) to a history, merging them into the last stretch when (σ, q) are the same (as Opacus does). */
+export function addStep(history: MechanismSteps[], noiseMultiplier: number, sampleRate: number, steps = 1): MechanismSteps[] {
   const last = history[history.length - 1];
   if (last && last.noiseMultiplier === noiseMultiplier && last.sampleRate === sampleRate) {
-    return [...history.slice(0, -1), { ...last, steps: last.steps + 1 }];
+    return [...history.slice(0, -1), { ...last, steps: last.steps + steps }];
   }
-  return [...history, { noiseMultiplier, sampleRate, steps: 1 }];
+  return [...history, { noiseMultiplier, sampleRate, steps }];
 }
 
 /**

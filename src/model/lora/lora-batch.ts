@@ -85,16 +85,18 @@ export class LoraBatch {
    * output (y itself when no row adapts it). The native kernel adds into its output directly.
    */
   apply(layer: number, proj: ProjectionName, x: tf.Tensor2D, y: tf.Tensor2D): tf.Tensor2D {
-    const delta = this.delta(layer, proj, x, y);
-    if (!delta) return y;
-    return this.lastChoice === 'native' ? delta : (tf.add(y, delta) as tf.Tensor2D);
+    const r = this.compute(layer, proj, x, y);
+    if (!r) return y;
+    return r.includesBase ? r.tensor : (tf.add(y, r.tensor) as tf.Tensor2D);
   }
 
-  /**
-   * The LoRA delta [T, out] for x [T, in] at one projection, or null when no row adapts it.
-   * With `base` the native path returns base + delta instead (see apply).
-   */
-  delta(layer: number, proj: ProjectionName, x: tf.Tensor2D, base?: tf.Tensor2D): tf.Tensor2D | null {
+  /** The LoRA delta [T, out] for x [T, in] at one projection, or null when no row adapts it. */
+  delta(layer: number, proj: ProjectionName, x: tf.Tensor2D): tf.Tensor2D | null {
+    return this.compute(layer, proj, x, undefined)?.tensor ?? null;
+  }
+
+  /** The delta, or base + delta where the path can form the sum itself (the native kernel). */
+  private compute(layer: number, proj: ProjectionName, x: tf.Tensor2D, base: tf.Tensor2D | undefined): { tensor: tf.Tensor2D; includesBase: boolean } | null {
     if (this.rowsOf.size === 0) return null;
     const participants = this.participants(layer, proj);
     if (participants.length === 0) return null;
@@ -103,17 +105,17 @@ export class LoraBatch {
     if (participants.length === 1 && participants[0].rows === this.totalRows) {
       const w = participants[0].weights;
       this.lastChoice = 'single';
-      return tf.mul(tf.matMul(tf.matMul(x, w.aT), w.bT), w.scale) as tf.Tensor2D;
+      return { tensor: tf.mul(tf.matMul(tf.matMul(x, w.aT), w.bT), w.scale) as tf.Tensor2D, includesBase: false };
     }
     // with the native kernel ('auto' only, and not under a gradient tape: it has no gradient)
     // every adapter's rows are done in one call at exact FLOPs, reading weights in place
     if (this.strategy === 'auto' && nativeSgmvAvailable() && !recordingGradients()) {
       this.lastChoice = 'native';
-      return this.native(layer, proj, x, outFeatures, base);
+      return { tensor: this.native(layer, proj, x, outFeatures, base), includesBase: base !== undefined };
     }
     const choice = this.strategy === 'auto' ? this.cheaper(layer, proj, participants, inFeatures, outFeatures) : this.strategy;
     this.lastChoice = choice;
-    return choice === 'stacked' ? this.stacked(layer, proj, x, participants) : this.segmented(x, layer, proj, outFeatures);
+    return { tensor: choice === 'stacked' ? this.stacked(layer, proj, x, participants) : this.segmented(x, layer, proj, outFeatures), includesBase: false };
   }
 
   /** The batch's adapters that adapt this module, in order of first row, with their row counts. */

@@ -1,27 +1,17 @@
 import type { LlamaModel } from '../model/forward/llama-model.js';
-import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
+import type { LoraCostModel } from '../model/lora/lora-batch.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import type { AdapterResidence } from '../pager/adapter-pager.js';
 import { AdapterStore, type AdapterRecord } from '../pager/adapter-store.js';
 import type { GenerationResult } from './batch-generator.js';
-import type { BatcherLimits, StepInfo } from './continuous-batcher.js';
+import type { StepInfo } from './continuous-batcher.js';
 import { EngineCore } from './engine-core.js';
-import { StoreBackedEngine } from './store-backed-engine.js';
+import { StoreBackedEngine, type StoreBackedEngineOptions } from './store-backed-engine.js';
 import type { CompletionRequest, EngineStats, ServingEngine, TokenEvent } from './serving-engine.js';
 
-export interface GatewayOptions {
-  modelId: string;
+export interface GatewayOptions extends StoreBackedEngineOptions {
   model: LlamaModel;
-  tokenizer: TextTokenizer | undefined;
-  /** Where uploaded and registered adapters are stored. */
-  storeDir: string;
-  /** Device page budget for KV cache + adapters, in bytes. */
-  deviceMemoryBytes: number;
-  hostMemoryBytes: number;
-  maxLoraRank: number;
-  limits: BatcherLimits;
-  loraStrategy?: LoraStrategy;
   /** Costs of this backend for the LoRA strategy choice; measureLoraCostModel() gives them. */
   loraCost?: LoraCostModel;
   onStep?: (info: StepInfo) => void;

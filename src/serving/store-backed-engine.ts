@@ -1,7 +1,24 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { AdapterError } from '../errors.js';
+import type { LoraStrategy } from '../model/lora/lora-batch.js';
+import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import type { AdapterFiles, AdapterRecord, AdapterStore, PutOptions } from '../pager/adapter-store.js';
+import type { BatcherLimits } from './batcher-options.js';
+
+/** What the in-process Gateway and the ThreadedGateway are both configured with. */
+export interface StoreBackedEngineOptions {
+  modelId: string;
+  tokenizer: TextTokenizer | undefined;
+  /** Where uploaded and registered adapters are stored. */
+  storeDir: string;
+  /** Device page budget for KV cache + adapters, in bytes. */
+  deviceMemoryBytes: number;
+  hostMemoryBytes: number;
+  maxLoraRank: number;
+  limits: BatcherLimits;
+  loraStrategy?: LoraStrategy;
+}
 
 /**
  * The adapter-management half of a ServingEngine, over the AdapterStore on this thread: shared

@@ -3,30 +3,21 @@ import { AdapterError, errorFromWire, LoraGatewayError } from '../errors.js';
 import type { BackendChoice } from '../model/backend/backend.js';
 import { prepareOpenBlasEnvironment } from '../model/backend/native-matmul.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
-import type { LoraStrategy } from '../model/lora/lora-batch.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import { adapterVersionKey, type AdapterResidence } from '../pager/adapter-pager.js';
 import { AdapterStore, type AdapterRecord } from '../pager/adapter-store.js';
 import type { GenerationResult } from './batch-generator.js';
-import type { BatcherLimits, StepInfo } from './batcher-options.js';
+import type { StepInfo } from './batcher-options.js';
 import type { EngineWorkerInit, FromEngine, ResidenceView, ToEngine } from './engine-protocol.js';
 import { stopTokenIdsOf } from './gateway.js';
-import { StoreBackedEngine } from './store-backed-engine.js';
+import { StoreBackedEngine, type StoreBackedEngineOptions } from './store-backed-engine.js';
 import type { CompletionRequest, EngineStats, ServingEngine, TokenEvent } from './serving-engine.js';
 
-export interface ThreadedGatewayOptions {
-  modelId: string;
+export interface ThreadedGatewayOptions extends StoreBackedEngineOptions {
   modelDir: string;
   /** The model's config.json, read on this thread (the weights load on the engine thread). */
   model: ModelConfig;
-  tokenizer: TextTokenizer | undefined;
   backend: BackendChoice;
-  storeDir: string;
-  deviceMemoryBytes: number;
-  hostMemoryBytes: number;
-  maxLoraRank: number;
-  limits: BatcherLimits;
-  loraStrategy?: LoraStrategy;
   /** Startup lines of the engine thread (backend, kernels, cost model). */
   log?: (line: string) => void;
 }

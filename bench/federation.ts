@@ -195,14 +195,13 @@ async function main(): Promise<void> {
         // adapter itself, so every later version swap happens under load
         const baseName = (await api<{ data: { id: string }[] }>(base, 'GET', '/v1/models')).data[0].id;
         let target = baseName;
-        const watch = (async () => {
+        void (async () => {
           while (target === baseName) {
             if ((await fetch(`${base}/v1/adapters/${id}`)).status === 200) target = id;
             else await sleep(200);
           }
         })();
         load = steadyLoad(base, () => target, Number(flags['load-streams']), jobDone);
-        void watch;
       }
       const job = await jobDone;
       const s = await scoreVersion(base, model, clients, id, job.versions.at(-1)!);

@@ -81,6 +81,14 @@ const serveConfigSchema = z
     federationPrefix: z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/).default('lora-gateway'),
     /** Keep every accepted client update for GET …/rounds/{n}/updates/{client}. @defaultValue true */
     federationKeepUpdates: z.boolean().default(true),
+    /** The API keys file (SHA-256 hashes, tenant, role); absent: the server runs open. */
+    apiKeysPath: z.string().min(1).optional(),
+    /** Serve /metrics without a key even when keys are on. @defaultValue false */
+    metricsPublic: z.boolean().default(false),
+    /** Listen on a non-loopback address without keys (refused otherwise). @defaultValue false */
+    allowUnauthenticated: z.boolean().default(false),
+    /** Folders POST /v1/load_lora_adapter may read; absent: runtime loading from folders is off. */
+    loraPathRoot: z.string().min(1).optional(),
   })
   .strict();
 

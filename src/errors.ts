@@ -44,6 +44,12 @@ export type ErrorCode =
   | 'BACKEND_UNAVAILABLE'
   | 'ENGINE_FAILED'
   | 'LISTEN_FAILED'
+  // tenants and keys (src/tenants, src/api/authentication.ts)
+  | 'MISSING_API_KEY'
+  | 'INVALID_API_KEY'
+  | 'PERMISSION_DENIED'
+  | 'LORA_PATH_FORBIDDEN'
+  | 'UNAUTHENTICATED_LISTEN_REFUSED'
   // federation (src/federation)
   | 'FEDERATION_DISABLED'
   | 'FED_JOB_INVALID'
@@ -93,6 +99,9 @@ export class RequestError extends LoraGatewayError {}
 
 /** Startup configuration (flags, environment) is invalid, or a backend cannot load. */
 export class ConfigError extends LoraGatewayError {}
+
+/** A request carries no valid API key, or its key may not use the route. */
+export class AuthError extends LoraGatewayError {}
 
 /** A federation job spec, round or client update is invalid, or federation is off. */
 export class FederationError extends LoraGatewayError {}

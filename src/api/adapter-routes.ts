@@ -1,8 +1,9 @@
 import multipart from '@fastify/multipart';
-import type { FastifyPluginAsync } from 'fastify';
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify';
 import { AdapterError, RequestError } from '../errors.js';
 import type { AdapterFiles, AdapterRecord } from '../pager/adapter-store.js';
 import type { ServingEngine } from '../serving/serving-engine.js';
+import type { LoraPathPolicy } from './lora-path-policy.js';
 import type { GatewayMetrics } from './metrics.js';
 
 function adapterJson(engine: ServingEngine, r: AdapterRecord) {
@@ -17,6 +18,7 @@ function adapterJson(engine: ServingEngine, r: AdapterRecord) {
     size_bytes: r.sizeBytes,
     sha256: r.sha256,
     ...(r.provenance ? { provenance: r.provenance } : {}),
+    ...(r.tenant !== undefined ? { tenant: r.tenant } : {}),
     residence,
     ...(residence === 'errored' ? { error: engine.loadError(r) } : {}),
   };
@@ -42,13 +44,22 @@ function parseVersion(raw: string | undefined): number | undefined {
  * adapter_model.safetensors) / download a version's files / delete, plus vLLM's
  * load_lora_adapter / unload_lora_adapter.
  */
-export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics; uploadLimitBytes: number }> = async (app, { engine, uploadLimitBytes }) => {
+export const adapterRoutes: FastifyPluginAsync<{
+  engineFor: (req: FastifyRequest) => ServingEngine;
+  metrics: GatewayMetrics;
+  uploadLimitBytes: number;
+  loraPaths: LoraPathPolicy;
+}> = async (app, { engineFor, uploadLimitBytes, loraPaths }) => {
   // multipart streams bypass Fastify's bodyLimit: each file gets the same bound (413 past it)
   await app.register(multipart, { limits: { files: 2, fields: 0, fileSize: uploadLimitBytes } });
 
-  app.get('/v1/adapters', async () => ({ object: 'list', data: engine.listAdapters().map((r) => adapterJson(engine, r)) }));
+  app.get('/v1/adapters', async (req) => {
+    const engine = engineFor(req);
+    return { object: 'list', data: engine.listAdapters().map((r) => adapterJson(engine, r)) };
+  });
 
   app.get<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req) => {
+    const engine = engineFor(req);
     const r = engine.getAdapter(req.params.id);
     if (!r) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${req.params.id}' does not exist`);
     return adapterJson(engine, r);
@@ -63,6 +74,7 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
       },
     },
     async (req, reply) => {
+      const engine = engineFor(req);
       const { id, file } = req.params;
       const download = Object.hasOwn(DOWNLOADS, file) ? DOWNLOADS[file] : undefined;
       if (!download) throw new RequestError('REQUEST_INVALID', `unknown file '${file}': download ${Object.keys(DOWNLOADS).join(' or ')}`);
@@ -90,6 +102,7 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
 
   // every stored version, oldest first, with where it came from (an upload or a federated round)
   app.get<{ Params: { id: string } }>('/v1/adapters/:id/versions', { schema: { params: idParam } }, async (req) => {
+    const engine = engineFor(req);
     const latest = engine.getAdapter(req.params.id);
     if (!latest) throw new AdapterError('ADAPTER_NOT_FOUND', `adapter '${req.params.id}' does not exist`);
     const data = [];
@@ -110,6 +123,7 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
   });
 
   app.put<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req, reply) => {
+    const engine = engineFor(req);
     if (!req.isMultipart()) {
       throw new RequestError('REQUEST_INVALID', 'upload the adapter as multipart/form-data with files adapter_config.json and adapter_model.safetensors');
     }
@@ -128,6 +142,7 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
   });
 
   app.delete<{ Params: { id: string } }>('/v1/adapters/:id', { schema: { params: idParam } }, async (req) => {
+    const engine = engineFor(req);
     const r = await engine.deleteAdapter(req.params.id);
     return { id: r.id, object: 'adapter', deleted: true };
   });
@@ -144,11 +159,12 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
       },
     },
     async (req) => {
+      const engine = engineFor(req);
       // as vLLM: a name already loaded is refused unless load_inplace asks to replace it (a new version here)
       if (!req.body.load_inplace && engine.getAdapter(req.body.lora_name)) {
         throw new RequestError('ADAPTER_ALREADY_LOADED', `The lora adapter '${req.body.lora_name}' has already been loaded. Give load_inplace: true to replace it.`);
       }
-      const r = await engine.loadAdapterFromDir(req.body.lora_name, req.body.lora_path);
+      const r = await engine.putAdapter(req.body.lora_name, await loraPaths.read(req.body.lora_path));
       return `Success: LoRA adapter '${r.id}' added successfully.`;
     },
   );
@@ -157,6 +173,7 @@ export const adapterRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics:
     '/v1/unload_lora_adapter',
     { schema: { body: { type: 'object', properties: { lora_name: { type: 'string', minLength: 1, maxLength: 256 } }, required: ['lora_name'] } } },
     async (req) => {
+      const engine = engineFor(req);
       await engine.deleteAdapter(req.body.lora_name);
       return `Success: LoRA adapter '${req.body.lora_name}' removed successfully.`;
     },

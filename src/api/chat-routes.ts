@@ -48,7 +48,8 @@ interface ChatTokenLogprob {
 }
 
 export interface ChatRouteDeps {
-  engine: ServingEngine;
+  /** The engine as the request's principal sees it. */
+  engineFor: (req: FastifyRequest) => ServingEngine;
   meterOf: (req: FastifyRequest, route: InferenceRoute) => RequestMeter;
 }
 
@@ -56,8 +57,9 @@ export interface ChatRouteDeps {
  * /v1/chat/completions: the messages are rendered with the model's chat template and then
  * generated like a completion, with the same sampling, stop strings and streaming.
  */
-export function registerChatRoutes(app: FastifyInstance, { engine, meterOf }: ChatRouteDeps): void {
+export function registerChatRoutes(app: FastifyInstance, { engineFor, meterOf }: ChatRouteDeps): void {
   app.post<{ Body: ChatBody }>('/v1/chat/completions', { schema: { body: chatBodySchema } }, async (req, reply) => {
+    const engine = engineFor(req);
     const body = req.body;
     const meter = meterOf(req, 'chat');
     rejectUnsupported(body);

@@ -57,7 +57,10 @@ const METERED: Record<string, InferenceRoute> = {
  * adapter at /v1/adapters/:id/completions, /v1/chat/completions (chat-routes.ts) and
  * /v1/models. `model` names an adapter, or the base model by the engine's model id.
  */
-export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics }> = async (app, { engine, metrics }) => {
+export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; engineFor: (req: FastifyRequest) => ServingEngine; metrics: GatewayMetrics }> = async (
+  app,
+  { engine, engineFor, metrics },
+) => {
   const meters = new WeakMap<FastifyRequest, RequestMeter>();
   app.addHook('onRequest', async (req) => {
     const route = METERED[req.routeOptions.url ?? ''];
@@ -77,29 +80,29 @@ export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; metri
     parent,
     max_model_len: engine.model.maxPositionEmbeddings,
   });
-  app.get('/v1/models', async () => ({
+  app.get('/v1/models', async (req) => ({
     object: 'list',
-    data: [modelCard(engine.modelId, null), ...engine.listAdapters().map((r) => modelCard(r.id, engine.modelId))],
+    data: [modelCard(engine.modelId, null), ...engineFor(req).listAdapters().map((r) => modelCard(r.id, engine.modelId))],
   }));
 
   app.get<{ Params: { id: string } }>('/v1/models/:id', { schema: { params: idParam } }, async (req) => {
     const { id } = req.params;
     if (id === engine.modelId) return modelCard(id, null);
-    if (!engine.getAdapter(id)) throw new AdapterError('ADAPTER_NOT_FOUND', `the model '${id}' does not exist`);
+    if (!engineFor(req).getAdapter(id)) throw new AdapterError('ADAPTER_NOT_FOUND', `the model '${id}' does not exist`);
     return modelCard(id, engine.modelId);
   });
 
   app.post<{ Body: CompletionBody }>('/v1/completions', { schema: { body: completionBodySchema(true) } }, async (req, reply) =>
-    complete(engine, req.body, req.body.model!, req, reply, meterOf(req, 'completions')),
+    complete(engineFor(req), req.body, req.body.model!, req, reply, meterOf(req, 'completions')),
   );
 
   app.post<{ Body: CompletionBody; Params: { id: string } }>(
     '/v1/adapters/:id/completions',
     { schema: { params: idParam, body: completionBodySchema(false) } },
-    async (req, reply) => complete(engine, req.body, req.params.id, req, reply, meterOf(req, 'completions')),
+    async (req, reply) => complete(engineFor(req), req.body, req.params.id, req, reply, meterOf(req, 'completions')),
   );
 
-  registerChatRoutes(app, { engine, meterOf });
+  registerChatRoutes(app, { engineFor, meterOf });
 };
 
 async function complete(engine: ServingEngine, body: CompletionBody, model: string, req: FastifyRequest, reply: FastifyReply, meter: RequestMeter) {

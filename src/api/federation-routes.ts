@@ -1,8 +1,9 @@
-import type { FastifyPluginAsync, FastifyReply } from 'fastify';
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
 import { FederationError, RequestError } from '../errors.js';
 import type { JobPrivacy, JobRecord, RoundRecord } from '../federation/job-record.js';
 import type { MechanismSteps } from '../federation/privacy/rdp-accountant.js';
 import type { RoundCoordinator } from '../federation/round-coordinator.js';
+import { clientBelongsTo, qualifyAdapterId, splitAdapterId, TENANT_SEPARATOR } from '../tenants/tenant-ids.js';
 
 /** snake_case view of a round record, as the OpenAI-style API speaks. */
 function roundJson(r: RoundRecord) {
@@ -48,19 +49,22 @@ function privacyJson(p: JobPrivacy) {
   };
 }
 
-export function jobJson(j: JobRecord) {
+/** `asTenant`: the tenant's own view, its adapter named without the `<tenant>~` of its store id. */
+export function jobJson(j: JobRecord, asTenant = false) {
+  const target = asTenant ? splitAdapterId(j.spec.target_adapter_id).name : j.spec.target_adapter_id;
   return {
     id: j.id,
     object: 'federation.job',
     state: j.state,
-    target_adapter_id: j.spec.target_adapter_id,
+    target_adapter_id: target,
     method: j.spec.method,
     rounds: j.spec.rounds,
     rounds_done: j.roundsDone,
     versions: j.versions,
     created_at: j.createdAt,
     updated_at: j.updatedAt,
-    spec: j.spec,
+    spec: { ...j.spec, target_adapter_id: target },
+    ...(j.tenant !== undefined && !asTenant ? { tenant: j.tenant } : {}),
     current_round: j.current ? roundJson(j.current) : null,
     history: j.history.map(roundJson),
     error: j.error ?? null,
@@ -93,29 +97,60 @@ export const federationRoutes: FastifyPluginAsync<{ coordinator: RoundCoordinato
     }
     return coordinator;
   };
+  /** The tenant a request is scoped to; undefined for an admin or an open server (sees every job). */
+  const tenantOf = (req: FastifyRequest): string | undefined => (req.principal && req.principal.role !== 'admin' ? req.principal.tenant : undefined);
+  /** A job the request may see; another tenant's job answers exactly as a missing one. */
+  const ownJob = async (req: FastifyRequest, id: string): Promise<JobRecord> => {
+    const tenant = tenantOf(req);
+    const rec = await fed().get(id);
+    if (tenant !== undefined && rec.tenant !== tenant) throw new FederationError('FED_JOB_NOT_FOUND', `federation job '${id}' does not exist`);
+    return rec;
+  };
+  const view = (req: FastifyRequest, rec: JobRecord) => jobJson(rec, tenantOf(req) !== undefined);
 
   app.post('/v1/federation/jobs', async (req, reply) => {
-    if (req.body === undefined || req.body === null || typeof req.body !== 'object') throw new RequestError('REQUEST_INVALID', 'send the job spec as a JSON object');
-    const rec = await fed().submit(req.body);
-    return reply.status(201).send(jobJson(rec));
+    if (req.body === undefined || req.body === null || typeof req.body !== 'object' || Array.isArray(req.body)) throw new RequestError('REQUEST_INVALID', 'send the job spec as a JSON object');
+    const tenant = tenantOf(req);
+    let body = req.body as Record<string, unknown>;
+    if (tenant !== undefined && typeof body.target_adapter_id === 'string') {
+      // the tenant names its adapter plainly; the job publishes to the tenant's store id
+      if (body.target_adapter_id.includes(TENANT_SEPARATOR)) throw new FederationError('FED_JOB_INVALID', `job spec: target_adapter_id: '${TENANT_SEPARATOR}' is reserved`);
+      body = { ...body, target_adapter_id: qualifyAdapterId(tenant, body.target_adapter_id) };
+    }
+    const rec = await fed().submit(body, { tenant });
+    return reply.status(201).send(view(req, rec));
   });
 
-  app.get('/v1/federation/jobs', async () => ({ object: 'list', data: (await fed().list()).map(jobJson) }));
+  app.get('/v1/federation/jobs', async (req) => {
+    const tenant = tenantOf(req);
+    const jobs = (await fed().list()).filter((j) => tenant === undefined || j.tenant === tenant);
+    return { object: 'list', data: jobs.map((j) => view(req, j)) };
+  });
 
-  app.get<{ Params: { id: string } }>('/v1/federation/jobs/:id', { schema: { params: idParams } }, async (req) => jobJson(await fed().get(req.params.id)));
+  app.get<{ Params: { id: string } }>('/v1/federation/jobs/:id', { schema: { params: idParams } }, async (req) => view(req, await ownJob(req, req.params.id)));
 
-  app.post<{ Params: { id: string } }>('/v1/federation/jobs/:id/cancel', { schema: { params: idParams } }, async (req) => jobJson(await fed().cancel(req.params.id)));
+  app.post<{ Params: { id: string } }>('/v1/federation/jobs/:id/cancel', { schema: { params: idParams } }, async (req) => {
+    await ownJob(req, req.params.id);
+    return view(req, await fed().cancel(req.params.id));
+  });
 
-  app.get('/v1/federation/clients', async () => ({
-    object: 'list',
-    data: (await fed().clients()).map((c) => ({ id: c.id, last_seen: c.lastSeen, busy: c.busy, compatible: c.compatible, current: c.current ?? null, host: c.host ?? null })),
-  }));
+  app.get('/v1/federation/clients', async (req) => {
+    const tenant = tenantOf(req);
+    return {
+      object: 'list',
+      data: (await fed().clients())
+        .filter((c) => tenant === undefined || clientBelongsTo(tenant, c.id))
+        .map((c) => ({ id: c.id, last_seen: c.lastSeen, busy: c.busy, compatible: c.compatible, current: c.current ?? null, host: c.host ?? null })),
+    };
+  });
 
-  app.get<{ Params: { id: string; n: number; client: string } }>('/v1/federation/jobs/:id/rounds/:n/updates/:client', { schema: { params: updateParams } }, async (req, reply) =>
-    sendBytes(reply, await fed().update(req.params.id, req.params.n, req.params.client), `${req.params.id}-round-${req.params.n}-${req.params.client}.safetensors`),
-  );
+  app.get<{ Params: { id: string; n: number; client: string } }>('/v1/federation/jobs/:id/rounds/:n/updates/:client', { schema: { params: updateParams } }, async (req, reply) => {
+    await ownJob(req, req.params.id);
+    return sendBytes(reply, await fed().update(req.params.id, req.params.n, req.params.client), `${req.params.id}-round-${req.params.n}-${req.params.client}.safetensors`);
+  });
 
-  app.get<{ Params: { id: string; n: number } }>('/v1/federation/jobs/:id/rounds/:n/global', { schema: { params: updateParams } }, async (req, reply) =>
-    sendBytes(reply, await fed().globalState(req.params.id, req.params.n), `${req.params.id}-round-${req.params.n}-global.safetensors`),
-  );
+  app.get<{ Params: { id: string; n: number } }>('/v1/federation/jobs/:id/rounds/:n/global', { schema: { params: updateParams } }, async (req, reply) => {
+    await ownJob(req, req.params.id);
+    return sendBytes(reply, await fed().globalState(req.params.id, req.params.n), `${req.params.id}-round-${req.params.n}-global.safetensors`);
+  });
 };

@@ -38,6 +38,10 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   FED_DP_BUDGET_EXCEEDED: 400,
   FED_DP_UNSUPPORTED: 400,
   FED_ROBUST_UNSUPPORTED: 400,
+  MISSING_API_KEY: 401,
+  INVALID_API_KEY: 401,
+  PERMISSION_DENIED: 403,
+  LORA_PATH_FORBIDDEN: 403,
 };
 
 export function errorBody(code: string, message: string, type = 'invalid_request_error'): ErrorBody {
@@ -53,7 +57,8 @@ export function handleError(err: FastifyError | Error, _req: FastifyRequest, rep
   if (err instanceof LoraGatewayError) {
     const status = statusOf(err);
     if (status === 429) void reply.header('retry-after', '1');
-    void reply.status(status).send(errorBody(err.code, err.message, status === 429 ? 'rate_limit_error' : status >= 500 ? 'server_error' : 'invalid_request_error'));
+    const type = status === 429 ? 'rate_limit_error' : status === 401 ? 'authentication_error' : status === 403 ? 'permission_error' : status >= 500 ? 'server_error' : 'invalid_request_error';
+    void reply.status(status).send(errorBody(err.code, err.message, type));
     return;
   }
   const fe = err as FastifyError;

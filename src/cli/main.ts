@@ -11,6 +11,8 @@ import type { LlamaModel } from '../model/forward/llama-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
 import { COMMAND_HELP } from './command-help.js';
 import { writeDemoModel } from './demo-model-command.js';
+import { fedClientAcl as fedClientAclFor } from '../federation/client-acl.js';
+import { apiKeyCommand } from './api-key-command.js';
 import { runFedClient } from './fed-client-command.js';
 import { privacyEpsilon } from './privacy-epsilon-command.js';
 import { serve } from './serve-command.js';
@@ -30,8 +32,15 @@ Usage:
                      [--data DIR] [--device-memory 256MiB] [--host-memory 1GiB] [--max-running-seqs N]
                      [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N] [--body-limit 256MiB]
                      [--engine-thread on|off] [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
+                     [--api-keys FILE] [--metrics-public] [--allow-unauthenticated] [--lora-path-root DIR]
       without --model: serves the demo model (created once under --data, default ./data)
       with --redis: also runs federated training jobs (POST /v1/federation/jobs)
+  lora-gateway api-key create --api-keys FILE --tenant T [--role admin|tenant] [--json]
+  lora-gateway api-key revoke --api-keys FILE (--id KEY_ID | --key KEY | --tenant T) [--json]
+  lora-gateway api-key list --api-keys FILE [--json]
+      keys for serve --api-keys (stored as SHA-256; a running server re-reads the file on SIGHUP)
+  lora-gateway fed-client-acl --client-id ID [--federation-prefix P] [--json]
+      the Redis ACL rules that confine one fed-client to its own queue and update keys
   lora-gateway privacy-epsilon --sample-rate Q (--noise-multiplier S | --target-epsilon E) --steps N --delta D [--json]
       ε of DP-SGD / DP-FedAvg by the RDP accountant (as Opacus), or the σ that meets a target ε
   lora-gateway fed-client --redis URL --client-id ID --data PATH --model DIR [--federation-prefix P] [--poison scale:K]
@@ -84,6 +93,14 @@ const OPTIONS = {
   'max-lora-rank': { type: 'string' },
   'lora-strategy': { type: 'string' },
   poison: { type: 'string' },
+  'api-keys': { type: 'string' },
+  'metrics-public': { type: 'boolean' },
+  'allow-unauthenticated': { type: 'boolean' },
+  'lora-path-root': { type: 'string' },
+  tenant: { type: 'string' },
+  role: { type: 'string' },
+  id: { type: 'string' },
+  key: { type: 'string' },
   help: { type: 'boolean', short: 'h' },
 } as const;
 
@@ -210,6 +227,17 @@ async function fedClient(flags: Flags, config: EngineConfig): Promise<void> {
   });
 }
 
+/** `fed-client-acl`: the ACL SETUSER line (and the URL the client then uses) for one client. */
+function fedClientAcl(flags: Flags): void {
+  if (!flags['client-id']) throw new LoraGatewayError('REQUEST_INVALID', 'fed-client-acl needs --client-id ID');
+  const acl = fedClientAclFor(flags['federation-prefix'] ?? process.env.LORA_GATEWAY_FEDERATION_PREFIX ?? 'lora-gateway', flags['client-id']);
+  if (flags.json) process.stdout.write(`${JSON.stringify(acl)}\n`);
+  else {
+    process.stdout.write(`${acl.command}\n`);
+    logToStderr(`run it with redis-cli as an admin; then: lora-gateway fed-client --redis redis://${acl.user}:${acl.password}@HOST:PORT --client-id ${flags['client-id']} ...`);
+  }
+}
+
 /** This package's version, from its package.json (two folders up from src/cli and dist/cli). */
 export function packageVersion(): string {
   const pkg = JSON.parse(readFileSync(fileURLToPath(new URL('../../package.json', import.meta.url)), 'utf8')) as { version: string };
@@ -246,6 +274,8 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === 'demo-model') await demoModel(flags);
     else if (command === 'demo') await demo(flags, config);
     else if (command === 'fed-client') await fedClient(flags, config);
+    else if (command === 'api-key') await apiKeyCommand(positionals[1], flags, (line) => process.stdout.write(line));
+    else if (command === 'fed-client-acl') fedClientAcl(flags);
     else if (command === 'serve') {
       const env = process.env;
       const serveConfig = parseServeConfig({
@@ -265,6 +295,10 @@ export async function main(argv: string[]): Promise<number> {
         redisUrl: flags.redis ?? env.LORA_GATEWAY_REDIS_URL,
         federationPrefix: flags['federation-prefix'] ?? env.LORA_GATEWAY_FEDERATION_PREFIX,
         federationKeepUpdates: onOff(flags['federation-keep-updates'], 'federation-keep-updates'),
+        apiKeysPath: flags['api-keys'] ?? env.LORA_GATEWAY_API_KEYS,
+        metricsPublic: flags['metrics-public'],
+        allowUnauthenticated: flags['allow-unauthenticated'],
+        loraPathRoot: flags['lora-path-root'] ?? env.LORA_GATEWAY_LORA_PATH_ROOT,
       });
       const server = await serve({ modelDir: flags.model, engine: config, serve: serveConfig, log: logToStderr });
       await new Promise<void>((done) => {

@@ -1,7 +1,9 @@
 import { existsSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
-import { LoraGatewayError } from '../errors.js';
+import { ConfigError, LoraGatewayError } from '../errors.js';
+import { LoraPathPolicy } from '../api/lora-path-policy.js';
+import { ApiKeyFile } from '../tenants/api-key-file.js';
 import { buildApp } from '../api/app.js';
 import { FederationMetrics } from '../api/federation-metrics.js';
 import { GatewayMetrics } from '../api/metrics.js';
@@ -38,6 +40,17 @@ async function demoModelDir(dataDir: string, log: (line: string) => void): Promi
 /** Starts the gateway; resolves once it listens, with a function that shuts it down. */
 export async function serve(options: ServeOptions): Promise<{ url: string; close: () => Promise<void> }> {
   const { serve: cfg, engine, log } = options;
+  // before anything heavy loads: a server reachable from other machines needs keys
+  if (!cfg.apiKeysPath && !cfg.allowUnauthenticated && !isLoopback(cfg.host)) {
+    throw new ConfigError(
+      'UNAUTHENTICATED_LISTEN_REFUSED',
+      `refusing to listen on ${cfg.host} without API keys: anyone who reaches it could use, overwrite or delete every adapter. Give --api-keys FILE (make one with: lora-gateway api-key create --api-keys FILE --tenant admin --role admin), or --allow-unauthenticated`,
+    );
+  }
+  const keys = cfg.apiKeysPath ? await ApiKeyFile.watch(cfg.apiKeysPath, log) : undefined;
+  const loraPaths = await LoraPathPolicy.create(cfg.loraPathRoot).catch((err: NodeJS.ErrnoException) => {
+    throw new ConfigError('CONFIG_INVALID', `--lora-path-root: cannot open the folder (${err.code ?? err.message})`, { cause: err });
+  });
   let modelDir = options.modelDir;
   let adapterDir = cfg.adapterDir;
   if (!modelDir) ({ modelDir, adapterDir } = await demoModelDir(cfg.dataDir, log));
@@ -104,7 +117,10 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   } else {
     log('federation off (start with --redis URL to run federated training jobs)');
   }
-  const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator });
+  const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator, apiKeys: keys && (() => keys.ring), metricsPublic: cfg.metricsPublic, loraPaths });
+  if (keys) log(`API keys on: ${keys.ring.size} key(s) from --api-keys (re-read on SIGHUP); /metrics ${cfg.metricsPublic ? 'public' : 'needs an admin key'}`);
+  else log(`API keys off: every client is admin (local development); start with --api-keys FILE to give tenants their own adapters`);
+  log(loraPaths.enabled ? 'load_lora_adapter: reads folders under --lora-path-root' : 'load_lora_adapter: off (start with --lora-path-root DIR to register server folders at runtime)');
   let url: string;
   try {
     url = await app.listen({ host: cfg.host, port: cfg.port });
@@ -113,6 +129,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     await app.close().catch(() => undefined);
     await coordinator?.close().catch(() => undefined);
     await gateway.close().catch(() => undefined);
+    keys?.close();
     const code = (err as NodeJS.ErrnoException).code;
     const why = code === 'EADDRINUSE' ? 'is already in use' : code === 'EACCES' ? 'needs privileges this process lacks' : code === 'EADDRNOTAVAIL' ? 'is not an address of this machine' : `failed (${(err as Error).message})`;
     throw new LoraGatewayError('LISTEN_FAILED', `cannot listen on ${cfg.host}:${cfg.port}: the address ${why} (choose another with --host / --port)`, { cause: err });
@@ -126,11 +143,17 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   return {
     url,
     async close() {
+      keys?.close();
       await app.close();
       await coordinator?.close();
       await gateway.close();
     },
   };
+}
+
+/** Addresses only this machine can reach. */
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host) || /^::ffff:127\./i.test(host);
 }
 
 /** A Redis URL without its password, for logs. */

@@ -86,6 +86,8 @@ export interface JobRecord {
   privacy?: JobPrivacy;
   /** Why a `stopped` job stopped. */
   stopReason?: { code: string; message: string };
+  /** The owning tenant (jobs submitted with a tenant's key); absent for an admin's or an open server's. */
+  tenant?: string;
 }
 
 /**

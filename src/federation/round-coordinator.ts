@@ -14,6 +14,7 @@ import { clientEpsilonAfter, clientRoundSteps, epsilonAfterRound, planPrivacy, r
 import { RoundAggregator } from './round-aggregator.js';
 import { roundTasks } from './train-task.js';
 import { collectUpdates, liveClientStatus } from './update-collector.js';
+import { clientBelongsTo } from '../tenants/tenant-ids.js';
 
 /** The narrow part of the gateway federation publishes through: the same store path as PUT. */
 export interface AdapterPublisher {
@@ -94,12 +95,32 @@ export class RoundCoordinator {
 
   // ---- the API the HTTP routes use -------------------------------------------------------
 
-  async submit(input: unknown): Promise<JobRecord> {
+  /**
+   * `owner.tenant`: a tenant's job, which trains only on that tenant's clients (`<tenant>.<name>`)
+   * and is shown only to it; its target_adapter_id is already the store id (`<tenant>~<id>`).
+   */
+  async submit(input: unknown, owner: { tenant?: string } = {}): Promise<JobRecord> {
     const spec = parseJobSpec(input, this.opts.model, this.opts.maxLoraRank);
+    const tenant = owner.tenant;
+    const foreign = tenant === undefined ? undefined : spec.clients?.find((c) => !clientBelongsTo(tenant, c));
+    if (foreign !== undefined) {
+      throw new FederationError('FED_JOB_INVALID', `job spec: clients: '${foreign}' is not one of this tenant's clients (their ids are '${tenant}.<name>')`);
+    }
     // a DP job's plan (σ, planned ε) at today's sampling rate; refused when it overspends
-    const privacy = spec.dp ? planPrivacy(spec, this.compatibleCount(await this.registry.live())) : undefined;
+    const privacy = spec.dp ? planPrivacy(spec, this.compatibleCount(await this.liveFor(tenant))) : undefined;
     const now = Date.now();
-    const rec: JobRecord = { id: `fj-${randomBytes(6).toString('hex')}`, spec, state: 'queued', createdAt: now, updatedAt: now, roundsDone: 0, history: [], versions: [], ...(privacy ? { privacy } : {}) };
+    const rec: JobRecord = {
+      id: `fj-${randomBytes(6).toString('hex')}`,
+      spec,
+      state: 'queued',
+      createdAt: now,
+      updatedAt: now,
+      roundsDone: 0,
+      history: [],
+      versions: [],
+      ...(tenant !== undefined ? { tenant } : {}),
+      ...(privacy ? { privacy } : {}),
+    };
     // the noise key lives under its own key, never in the record the routes return
     if (privacy) await this.redis.set(this.keys.noiseKey(rec.id), randomBytes(32));
     await this.jobs.save(rec);
@@ -139,6 +160,12 @@ export class RoundCoordinator {
       this.log(`federation job ${id}: cancelled`);
       return rec;
     });
+  }
+
+  /** Live clients a job may use: a tenant's job only its tenant's. */
+  private async liveFor(tenant: string | undefined): Promise<ClientHeartbeat[]> {
+    const live = await this.registry.live();
+    return tenant === undefined ? live : live.filter((c) => clientBelongsTo(tenant, c.id));
   }
 
   /** Live clients whose base model is the server's (the population a DP job samples from). */
@@ -226,7 +253,7 @@ export class RoundCoordinator {
       }
       if (round !== this.nextRound(rec)) return;
       const now = Date.now();
-      const live = await this.registry.live();
+      const live = await this.liveFor(rec.tenant);
       const current: RoundRecord = {
         round,
         attempt,

@@ -5,6 +5,7 @@ import { AdapterError, RequestError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { readPeftAdapter, type HostLoraAdapter } from '../model/lora/peft-adapter-reader.js';
 import type { ProjectionName } from '../model/architecture/llama-weights.js';
+import { splitAdapterId } from '../tenants/tenant-ids.js';
 
 /** What the store knows about one stored adapter version. */
 export interface AdapterRecord {
@@ -22,6 +23,8 @@ export interface AdapterRecord {
    * method, clients, examples, …), kept in manifest.json; absent for plain uploads.
    */
   provenance?: Record<string, unknown>;
+  /** The owning tenant, for a tenant's adapter (`<tenant>~<name>`); absent for plain ids. */
+  tenant?: string;
 }
 
 export interface PutOptions {
@@ -34,7 +37,8 @@ export interface AdapterFiles {
   weights: Buffer;
 }
 
-const ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** A plain id, or a tenant's `<tenant>~<id>` (src/tenants/tenant-ids.ts). */
+const ID_RE = /^(?:[A-Za-z0-9][A-Za-z0-9_-]{0,63}~)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 const CONFIG = 'adapter_config.json';
 const WEIGHTS = 'adapter_model.safetensors';
 const MANIFEST = 'manifest.json';
@@ -46,6 +50,12 @@ export function validateAdapterId(id: string): void {
       `adapter id ${JSON.stringify(id)} is invalid: use 1–128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'`,
     );
   }
+}
+
+/** The owner recorded in a tenant adapter's manifest. */
+function tenantOf(id: string): { tenant?: string } {
+  const { tenant } = splitAdapterId(id);
+  return tenant === undefined ? {} : { tenant };
 }
 
 function sha256(b: Buffer): string {
@@ -229,6 +239,7 @@ export class AdapterStore {
         sizeBytes: files.config.length + files.weights.length,
         sha256: { config: sha256(files.config), weights: sha256(files.weights) },
         ...(provenance ? { provenance } : {}),
+        ...tenantOf(id),
       };
       // the manifest is written last: a version folder without one is an interrupted write
       const { dir: _dir, ...manifest } = record;
@@ -294,7 +305,7 @@ export class AdapterStore {
     }
     const provenanceOk = m?.provenance === undefined || (typeof m.provenance === 'object' && m.provenance !== null && !Array.isArray(m.provenance));
     if (!m || m.id !== id || m.version !== version || typeof m.sha256?.config !== 'string' || typeof m.sha256?.weights !== 'string' || !provenanceOk) {
-      throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: ${MANIFEST} does not describe this version`);
+      throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `adapter '${id}' v${version}: ${MANIFEST} does not describe this version`);
     }
     return { ...m, dir };
   }
@@ -313,7 +324,7 @@ export function storedAdapterReader(root: string, model: ModelConfig, maxRank: n
   return {
     async readHost(record) {
       // records come from another thread's messages: never read outside the store
-      if (!resolve(record.dir).startsWith(resolve(root) + sep)) throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${record.dir}: not inside the adapter store ${root}`);
+      if (!resolve(record.dir).startsWith(resolve(root) + sep)) throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `adapter '${record.id}' v${record.version}: its folder is not inside the adapter store`);
       return readPeftAdapter(record.dir, model, maxRank, record.id, await readCheckedFiles(record));
     },
   };
@@ -325,10 +336,11 @@ export function storedAdapterReader(root: string, model: ModelConfig, maxRank: n
  */
 async function readCheckedFiles(record: AdapterRecord): Promise<AdapterFiles> {
   const { dir, sha256: want } = record;
+  // messages name the adapter, never the server's folders
   // each file is read once: the bytes that pass the checksum are the bytes handed out
   const [config, weights] = await Promise.all([readFile(join(dir, CONFIG)), readFile(join(dir, WEIGHTS))]);
   if (sha256(config) !== want.config || sha256(weights) !== want.weights) {
-    throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `${dir}: files do not match the checksums in ${MANIFEST}`);
+    throw new AdapterError('ADAPTER_WEIGHTS_INVALID', `adapter '${record.id}' v${record.version}: files do not match the checksums in ${MANIFEST}`);
   }
   return { config, weights };
 }

@@ -12,7 +12,7 @@ let fx: GatewayFixture;
 let good: { config: Buffer; weights: Buffer };
 
 before(async () => {
-  fx = await startGateway(2);
+  fx = await startGateway(2, {}, { loraPathRootIsModelDir: true });
   const dir = join(fx.modelDir, 'adapters', 'demo-1');
   good = { config: await readFile(join(dir, 'adapter_config.json')), weights: await readFile(join(dir, 'adapter_model.safetensors')) };
 });

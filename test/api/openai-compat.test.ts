@@ -7,7 +7,7 @@ type Json = any;
 
 let fx: GatewayFixture;
 before(async () => {
-  fx = await startGateway(2);
+  fx = await startGateway(2, {}, { loraPathRootIsModelDir: true });
 });
 after(async () => fx?.close());
 

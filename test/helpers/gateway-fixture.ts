@@ -2,7 +2,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { buildApp } from '../../src/api/app.js';
+import { buildApp, type AppOptions } from '../../src/api/app.js';
+import { LoraPathPolicy } from '../../src/api/lora-path-policy.js';
 import { GatewayMetrics } from '../../src/api/metrics.js';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
 import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
@@ -24,7 +25,12 @@ export interface GatewayFixture {
  * A real gateway over a real socket: the demo model (real HF files) with `adapters` PEFT
  * adapters registered as demo-0 … demo-N-1, served by Fastify on an ephemeral loopback port.
  */
-export async function startGateway(adapters = 4, over: Partial<GatewayOptions> = {}, http: { bodyLimitBytes?: number } = {}): Promise<GatewayFixture> {
+export interface HttpFixtureOptions extends Partial<Omit<AppOptions, 'engine' | 'metrics' | 'loraPaths'>> {
+  /** Let load_lora_adapter read folders under the demo model's folder (--lora-path-root). */
+  loraPathRootIsModelDir?: boolean;
+}
+
+export async function startGateway(adapters = 4, over: Partial<GatewayOptions> = {}, http: HttpFixtureOptions = {}): Promise<GatewayFixture> {
   await useWasm();
   const root = await mkdtemp(join(tmpdir(), 'lora-gateway-http-'));
   const modelDir = join(root, 'model');
@@ -41,7 +47,9 @@ export async function startGateway(adapters = 4, over: Partial<GatewayOptions> =
     ...over,
   });
   for (let i = 0; i < adapters; i++) await gateway.loadAdapterFromDir(`demo-${i}`, join(modelDir, 'adapters', `demo-${i}`));
-  const app = await buildApp({ engine: gateway, metrics: new GatewayMetrics(gateway), ...http });
+  const { loraPathRootIsModelDir, ...appOptions } = http;
+  const loraPaths = await LoraPathPolicy.create(loraPathRootIsModelDir ? modelDir : undefined);
+  const app = await buildApp({ engine: gateway, metrics: new GatewayMetrics(gateway), loraPaths, ...appOptions });
   const baseUrl = await app.listen({ host: '127.0.0.1', port: 0 });
   return {
     gateway,

@@ -16,6 +16,13 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   ADAPTER_MODULE_UNKNOWN: 422,
   ADAPTER_SHAPE_MISMATCH: 422,
   ADAPTER_WEIGHTS_INVALID: 422,
+  ADAPTER_WEIGHTS_OVERFLOW: 422,
+  // the adapter's own numbers cannot be served (like a failed check): retrying cannot help, so a 4xx
+  ADAPTER_OUTPUT_NOT_FINITE: 422,
+  // the base model itself produced NaN / ±Inf: the server's fault, not the request's
+  MODEL_OUTPUT_NOT_FINITE: 500,
+  // ENOSPC / EDQUOT while storing an upload (WebDAV's Insufficient Storage)
+  STORAGE_FULL: 507,
   REQUEST_INVALID: 400,
   CONTEXT_LENGTH_EXCEEDED: 400,
   QUEUE_FULL: 429,

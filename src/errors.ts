@@ -39,6 +39,7 @@ export type ErrorCode =
   | 'UNSUPPORTED_PARAMETER'
   // requests and configuration
   | 'REQUEST_INVALID'
+  | 'REQUEST_TOO_LARGE'
   | 'REQUEST_CANCELLED'
   | 'QUEUE_FULL'
   | 'CONTEXT_LENGTH_EXCEEDED'

@@ -24,6 +24,7 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   // ENOSPC / EDQUOT while storing an upload (WebDAV's Insufficient Storage)
   STORAGE_FULL: 507,
   REQUEST_INVALID: 400,
+  REQUEST_TOO_LARGE: 413,
   CONTEXT_LENGTH_EXCEEDED: 400,
   QUEUE_FULL: 429,
   REQUEST_CANCELLED: 499,
@@ -69,7 +70,10 @@ export function handleError(err: FastifyError | Error, _req: FastifyRequest, rep
     return;
   }
   if (fe.statusCode && fe.statusCode >= 400 && fe.statusCode < 500) {
-    void reply.status(fe.statusCode).send(errorBody(fe.code ?? 'request_invalid', fe.message));
+    // Fastify's and its plugins' own errors (body parsing, content type, size, multipart) carry
+    // FST_* codes: answers name them with this API's codes, keeping Fastify's status and message
+    const code: ErrorCode = fe.statusCode === 413 ? 'REQUEST_TOO_LARGE' : 'REQUEST_INVALID';
+    void reply.status(fe.statusCode).send(errorBody(code, fe.message));
     return;
   }
   _req.log.error(err);

@@ -16,7 +16,15 @@ const STATUS: Partial<Record<ErrorCode, number>> = {
   ADAPTER_MODULE_UNKNOWN: 422,
   ADAPTER_SHAPE_MISMATCH: 422,
   ADAPTER_WEIGHTS_INVALID: 422,
+  ADAPTER_WEIGHTS_OVERFLOW: 422,
+  // the adapter's own numbers cannot be served (like a failed check): retrying cannot help, so a 4xx
+  ADAPTER_OUTPUT_NOT_FINITE: 422,
+  // the base model itself produced NaN / ±Inf: the server's fault, not the request's
+  MODEL_OUTPUT_NOT_FINITE: 500,
+  // ENOSPC / EDQUOT while storing an upload (WebDAV's Insufficient Storage)
+  STORAGE_FULL: 507,
   REQUEST_INVALID: 400,
+  REQUEST_TOO_LARGE: 413,
   CONTEXT_LENGTH_EXCEEDED: 400,
   QUEUE_FULL: 429,
   REQUEST_CANCELLED: 499,
@@ -67,7 +75,10 @@ export function handleError(err: FastifyError | Error, _req: FastifyRequest, rep
     return;
   }
   if (fe.statusCode && fe.statusCode >= 400 && fe.statusCode < 500) {
-    void reply.status(fe.statusCode).send(errorBody(fe.code ?? 'request_invalid', fe.message));
+    // Fastify's and its plugins' own errors (body parsing, content type, size, multipart) carry
+    // FST_* codes: answers name them with this API's codes, keeping Fastify's status and message
+    const code: ErrorCode = fe.statusCode === 413 ? 'REQUEST_TOO_LARGE' : 'REQUEST_INVALID';
+    void reply.status(fe.statusCode).send(errorBody(code, fe.message));
     return;
   }
   _req.log.error(err);

@@ -10,8 +10,8 @@ import { adapterPages } from './page-sizes.js';
 /**
  * Where one adapter version is, LoRAX's explicit lifecycle: disk → host → device, back to
  * host or disk when evicted, or 'errored' when reading or uploading it failed (its stored
- * files no longer pass their checks). An errored version fails its requests at once, without
- * re-reading, until it is deleted or replaced by a new version.
+ * files no longer pass their checks) or its logits came out non-finite. An errored version
+ * fails its requests at once, without re-reading, until it is deleted or replaced by a new version.
  */
 export type AdapterResidence = 'disk' | 'host' | 'device' | 'errored';
 
@@ -129,6 +129,9 @@ export class AdapterPager {
    */
   acquire(record: AdapterRecord): Promise<LoraAdapter | undefined> {
     const key = adapterVersionKey(record);
+    // a version marked errored while resident (its output was not finite) is not handed out again
+    const failed = this.failures.get(key);
+    if (failed) return Promise.reject(failed);
     const resident = this.device.get(key);
     if (resident) {
       resident.pins++;
@@ -160,6 +163,15 @@ export class AdapterPager {
       for (const l of this.loadListeners) l((performance.now() - started) / 1000);
       return adapter;
     });
+  }
+
+  /**
+   * Marks a version errored from outside the load path (serving found its logits not finite):
+   * its later requests fail with `err` at once, until it is forgotten or replaced.
+   */
+  markErrored(record: AdapterRecord, err: Error): void {
+    const key = adapterVersionKey(record);
+    if (!this.failures.has(key)) this.failures.set(key, err);
   }
 
   /** Called with the seconds each device load took (disk or host read + upload). */

@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join, resolve, sep } from 'node:path';
-import { AdapterError, RequestError } from '../errors.js';
+import { AdapterError, LoraGatewayError, RequestError } from '../errors.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import { readPeftAdapter, type HostLoraAdapter } from '../model/lora/peft-adapter-reader.js';
 import type { ProjectionName } from '../model/architecture/llama-weights.js';
@@ -79,6 +79,13 @@ async function syncDir(path: string): Promise<void> {
   } finally {
     await fh.close();
   }
+}
+
+/** A full disk or quota (ENOSPC, EDQUOT) as STORAGE_FULL; other errors pass unchanged. */
+function storageError(err: unknown, id: string, root: string): unknown {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (code !== 'ENOSPC' && code !== 'EDQUOT') return err;
+  return new LoraGatewayError('STORAGE_FULL', `cannot store adapter '${id}': the adapter store ${root} is out of space (${code}); nothing was changed`, { cause: err });
 }
 
 function isNotFound(err: unknown): boolean {
@@ -223,8 +230,8 @@ export class AdapterStore {
 
   private async write(id: string, files: AdapterFiles, host: HostLoraAdapter, provenance: Record<string, unknown> | undefined): Promise<AdapterRecord> {
     const tmp = join(this.root, `.tmp-${randomBytes(8).toString('hex')}`);
-    await mkdir(tmp);
     try {
+      await mkdir(tmp);
       await writeDurably(join(tmp, CONFIG), files.config);
       await writeDurably(join(tmp, WEIGHTS), files.weights);
       const version = Math.max(this.highest.get(id) ?? 0, this.latest.get(id)?.version ?? 0) + 1;
@@ -251,8 +258,9 @@ export class AdapterStore {
       this.latest.set(id, record);
       return record;
     } catch (err) {
+      // nothing of a failed write stays behind: the temporary folder goes, the index is untouched
       await rm(tmp, { recursive: true, force: true });
-      throw err;
+      throw storageError(err, id, this.root);
     }
   }
 

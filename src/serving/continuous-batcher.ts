@@ -8,6 +8,7 @@ import type { BatcherParts } from './batcher-options.js';
 import { prefillLogits, readRows, scored, splitPrefillRows, validateRequest, type GenerationResult } from './batch-generator.js';
 import { DecodeBatch } from './decode-batch.js';
 import { FairQueue } from './fair-queue.js';
+import { outputError, prefillOutputErrors } from './output-guard.js';
 import { BASE_KEY, prefillTokens, type Sequence } from './sequence.js';
 import { TokenSampler } from './sampler.js';
 import type { CompletionRequest, TokenEvent } from './serving-engine.js';
@@ -304,6 +305,7 @@ export class ContinuousBatcher {
     );
     for (const w of work) w.s.prefilled += w.tokens.length;
     const scoring = work.filter((w) => w.scores).map((w) => w.s);
+    prefillOutputErrors(scoring, rows, model.config.vocabSize).forEach((err, i) => err && this.failOutput(scoring[i], err));
     const firstRows = splitPrefillRows(
       scoring.map((s) => s.request),
       rows,
@@ -314,7 +316,7 @@ export class ContinuousBatcher {
     for (const w of work.filter((x) => x.completes)) {
       if (w.scores) {
         const first = firstRows[scoring.indexOf(w.s)];
-        if (!first || !this.accept(w.s, first)) {
+        if (w.s.failure !== undefined || !first || !this.accept(w.s, first)) {
           finished.push(w.s);
           continue;
         }
@@ -339,6 +341,8 @@ export class ContinuousBatcher {
 
   /** Records a sampled token; returns whether the sequence goes on. */
   private accept(s: Sequence, row: Float32Array): boolean {
+    const err = outputError(s.record, row, row.length);
+    if (err) return this.failOutput(s, err);
     const token = s.sampler.sample(row);
     const scoredToken = scored(row, token, s.request.logprobs ?? 0);
     s.result.tokenIds.push(token);
@@ -347,7 +351,7 @@ export class ContinuousBatcher {
     try {
       s.onToken?.({ token: scoredToken });
     } catch (err) {
-      s.callbackError = err;
+      s.failure = err;
       return false;
     }
     if (!s.request.ignoreEos && this.parts.stopTokenIds.includes(token)) {
@@ -355,6 +359,13 @@ export class ContinuousBatcher {
       return false;
     }
     return s.result.tokenIds.length < s.request.maxTokens;
+  }
+
+  /** Non-finite logits end the sequence (never sampled) and mark its adapter version errored; returns false. */
+  private failOutput(s: Sequence, err: Error): false {
+    s.failure = err;
+    if (s.record) this.parts.pager.markErrored(s.record, err);
+    return false;
   }
 
   /** Sequences whose prefill completed join the decode batch with their caches. */
@@ -369,7 +380,7 @@ export class ContinuousBatcher {
   }
 
   private complete(s: Sequence): void {
-    this.finish(s, s.callbackError);
+    this.finish(s, s.failure);
   }
 
   /** Frees everything a sequence holds and settles its promise. */

@@ -62,9 +62,10 @@ function serveMessages(core: EngineCore): void {
           .then(
             (result) => post({ type: 'done', id: m.id, result }),
             (err: unknown) => {
-              post({ type: 'error', id: m.id, error: errorToWire(err) });
-              // a request that failed at admission (e.g. its adapter's files fail their checks) changes residences without a step
+              // a failed request may have marked its adapter errored (files fail their checks, logits not
+              // finite) without the pager's counters moving: residences go first, so a GET after the error sees it
               post({ type: 'state', stats: core.stats(), residences: residences() });
+              post({ type: 'error', id: m.id, error: errorToWire(err) });
             },
           )
           .finally(() => cancels.delete(m.id));

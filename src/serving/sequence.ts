@@ -28,8 +28,8 @@ export interface Sequence {
   cache?: SequenceKvCache;
   /** How many of prefillTokens(s) are in `cache`. */
   prefilled: number;
-  /** Set when the request's own token callback threw: it ends that request only. */
-  callbackError?: unknown;
+  /** Why it ends in error, set when its own token callback threw or its logits were not finite: it ends that request only. */
+  failure?: unknown;
   detachAbort?: () => void;
   /** Order of (re-)admission: the newest running sequence is preempted first. */
   admittedAt: number;

@@ -5,6 +5,7 @@ import { AdapterError, LoraGatewayError } from '../../errors.js';
 import { LoraAdapter, loraModuleKey, type LoraModuleWeights } from './lora-adapter.js';
 import { projectionShape, type ProjectionName } from '../architecture/llama-weights.js';
 import type { ModelConfig } from '../architecture/model-config.js';
+import { checkDeltaBounds } from './lora-delta-bounds.js';
 import { resolvePeftConfig, type LoraModuleSpec } from './peft-config.js';
 import { SafetensorsReader } from '../formats/safetensors.js';
 
@@ -32,10 +33,11 @@ export interface PeftAdapterBytes {
 
 /**
  * Reads `adapter_config.json` + `adapter_model.safetensors` and checks everything before
- * anything reaches the device: options, ranks, which modules the weights name, shapes and
- * finiteness. Any failure is an AdapterError naming the file and the problem. With `bytes`,
- * the files' contents are taken from there (already read, e.g. to check their checksums) and
- * `dir` only names them in errors.
+ * anything reaches the device: options, ranks, which modules the weights name, shapes,
+ * finiteness, and that no module's scale and factors could overflow float32 (lora-delta-bounds).
+ * Any failure is an AdapterError naming the file and the problem. With `bytes`, the files'
+ * contents are taken from there (already read, e.g. to check their checksums) and `dir` only
+ * names them in errors.
  */
 export async function readPeftAdapter(dir: string, model: ModelConfig, maxRank: number, id = basename(dir), bytes?: PeftAdapterBytes): Promise<HostLoraAdapter> {
   const configFile = join(dir, 'adapter_config.json');
@@ -69,7 +71,7 @@ async function weightsFileExists(dir: string, weightsFile: string): Promise<void
   }
 }
 
-/** Matches the weights to the config's modules, checks shapes and finiteness, and reads them. */
+/** Matches the weights to the config's modules, checks shapes, finiteness and delta bounds, and reads them. */
 async function readModules(reader: SafetensorsReader, specs: LoraModuleSpec[], weightsFile: string, model: ModelConfig, id: string): Promise<HostLoraAdapter> {
   try {
     const byPath = new Map(specs.map((s) => [s.modulePath, s]));
@@ -115,6 +117,7 @@ async function readModules(reader: SafetensorsReader, specs: LoraModuleSpec[], w
       }
       modules.push({ spec, a: p.a, b: p.b });
     }
+    checkDeltaBounds(modules, weightsFile);
     return { id, modules };
   } catch (err) {
     throw asAdapterError(err);

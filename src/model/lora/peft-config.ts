@@ -82,6 +82,7 @@ export function resolvePeftConfig(json: unknown, model: ModelConfig, maxRank: nu
     throw new AdapterError('ADAPTER_CONFIG_INVALID', `${file}: ${issue?.path.join('.') || '(root)'}: ${issue?.message}`);
   }
   const c = parsed.data;
+  checkPatterns(c, file);
   const refuse = (what: string) => {
     throw new AdapterError('ADAPTER_UNSUPPORTED', `${file}: ${what} is not supported`);
   };
@@ -139,6 +140,28 @@ export function resolvePeftConfig(json: unknown, model: ModelConfig, maxRank: nu
     throw new AdapterError('ADAPTER_MODULE_UNKNOWN', `${file}: target_modules ${JSON.stringify(targets)} match no module of this model`);
   }
   return specs;
+}
+
+/**
+ * Every regular expression the config holds compiles in the form it is matched in, else
+ * ADAPTER_CONFIG_INVALID names it (PEFT's re.compile would raise too).
+ */
+function checkPatterns(c: RawPeftConfig, file: string): void {
+  const forms: [string, string, string][] = [];
+  // PEFT full-matches these as they are ('a)(' would compile inside a group, but not alone)
+  if (typeof c.target_modules === 'string') forms.push(['target_modules', c.target_modules, c.target_modules]);
+  if (typeof c.exclude_modules === 'string') forms.push(['exclude_modules', c.exclude_modules, c.exclude_modules]);
+  for (const p of asList(c.layers_pattern) ?? []) forms.push(['layers_pattern', p, `^.*\\.${p}\\.(\\d+)\\.`]);
+  for (const field of ['rank_pattern', 'alpha_pattern'] as const) {
+    for (const p of Object.keys(c[field] ?? {})) forms.push([field, p, `^(.*\\.)?(${p})$`]);
+  }
+  for (const [field, p, form] of forms) {
+    try {
+      new RegExp(form);
+    } catch (err) {
+      throw new AdapterError('ADAPTER_CONFIG_INVALID', `${file}: ${field}: ${JSON.stringify(p)} is not a valid regular expression`, { cause: err });
+    }
+  }
 }
 
 /** A list target like "self_attn.q_proj" or "layers.0.mlp.up_proj" names a suffix of some module path. */

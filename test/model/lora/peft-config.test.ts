@@ -95,4 +95,12 @@ describe('PEFT adapter_config.json resolution', () => {
     rejects({ r: 'eight' }, 'ADAPTER_CONFIG_INVALID');
     rejects(cfg({ target_modules: undefined }), 'ADAPTER_CONFIG_INVALID', /target_modules/);
   });
+
+  test('a pattern that is not a valid regular expression is ADAPTER_CONFIG_INVALID naming the field, not a crash', () => {
+    rejects(cfg({ target_modules: '[' }), 'ADAPTER_CONFIG_INVALID', /target_modules: "\[" is not a valid regular expression/);
+    rejects(cfg({ exclude_modules: 'a)(' }), 'ADAPTER_CONFIG_INVALID', /exclude_modules/);
+    rejects(cfg({ rank_pattern: { '(': 4 } }), 'ADAPTER_CONFIG_INVALID', /rank_pattern: "\("/);
+    rejects(cfg({ alpha_pattern: { 'q_proj)': 4 } }), 'ADAPTER_CONFIG_INVALID', /alpha_pattern/);
+    rejects(cfg({ layers_to_transform: [0], layers_pattern: 'layers(' }), 'ADAPTER_CONFIG_INVALID', /layers_pattern/);
+  });
 });

@@ -1,6 +1,10 @@
 import { z } from 'zod';
 import { ConfigError } from './errors.js';
 
+/** pino's levels, most severe first; `silent` writes nothing. */
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
 /**
  * The engine's one configuration object: read from flags and environment in one place
  * (the CLI), validated once here, frozen, and passed down.
@@ -81,6 +85,14 @@ const serveConfigSchema = z
     federationPrefix: z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/).default('lora-gateway'),
     /** Keep every accepted client update for GET …/rounds/{n}/updates/{client}. @defaultValue true */
     federationKeepUpdates: z.boolean().default(true),
+    /** Least severe log entries written (one line per request at info). @defaultValue 'info' */
+    logLevel: z.enum(LOG_LEVELS).default('info'),
+    /**
+     * Versions of each adapter kept on disk; older ones are removed once no request uses them.
+     * Absent: every version is kept (federation's audit trail and rollbacks rely on old
+     * versions, so dropping them is the operator's choice). @defaultValue keep all
+     */
+    keepVersions: z.number().int().positive().max(1_000_000).optional(),
   })
   .strict();
 

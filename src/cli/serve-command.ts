@@ -5,8 +5,11 @@ import { LoraGatewayError } from '../errors.js';
 import { buildApp } from '../api/app.js';
 import { FederationMetrics } from '../api/federation-metrics.js';
 import { GatewayMetrics } from '../api/metrics.js';
+import { buildInfoOf } from '../api/ops-routes.js';
+import { createLogger } from '../api/request-log.js';
+import { packageVersion } from '../package-version.js';
 import type { EngineConfig, ServeConfig } from '../config.js';
-import { resolveBackend } from '../model/backend/backend.js';
+import { resolveBackend, type ResolvedBackend } from '../model/backend/backend.js';
 import { describeLoraCostModel, measureLoraCostModel } from '../model/lora/lora-cost-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
 import { baseModelFingerprint } from '../federation/base-fingerprint.js';
@@ -23,7 +26,10 @@ export interface ServeOptions {
   modelDir?: string;
   engine: EngineConfig;
   serve: ServeConfig;
+  /** Startup lines when stdout is a terminal; otherwise they go through the JSON logger. */
   log: (line: string) => void;
+  /** Whether stdout is a terminal (human-readable log lines) or not (JSON lines). @defaultValue process.stdout.isTTY */
+  stdoutIsTerminal?: boolean;
 }
 
 async function demoModelDir(dataDir: string, log: (line: string) => void): Promise<{ modelDir: string; adapterDir: string }> {
@@ -37,7 +43,12 @@ async function demoModelDir(dataDir: string, log: (line: string) => void): Promi
 
 /** Starts the gateway; resolves once it listens, with a function that shuts it down. */
 export async function serve(options: ServeOptions): Promise<{ url: string; close: () => Promise<void> }> {
-  const { serve: cfg, engine, log } = options;
+  const { serve: cfg, engine } = options;
+  // one logger for requests and, when it writes JSON, the startup lines too: a log collector
+  // reading stdout then gets nothing but JSON lines; a terminal keeps the plain lines on stderr
+  const json = !(options.stdoutIsTerminal ?? process.stdout.isTTY === true);
+  const logger = createLogger({ level: cfg.logLevel, json });
+  const log = json ? (line: string) => logger.info(line) : options.log;
   let modelDir = options.modelDir;
   let adapterDir = cfg.adapterDir;
   if (!modelDir) ({ modelDir, adapterDir } = await demoModelDir(cfg.dataDir, log));
@@ -58,12 +69,15 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     },
   };
   let gateway: Gateway | ThreadedGateway;
+  let backend: ResolvedBackend | undefined;
   if (cfg.engineThread) {
     // the engine (backend, model, batcher) on its own thread; HTTP stays on this event loop
-    gateway = await ThreadedGateway.create({ ...common, modelDir, model: await readModelConfig(modelDir), backend: engine.backend, log });
+    const threaded = await ThreadedGateway.create({ ...common, modelDir, model: await readModelConfig(modelDir), backend: engine.backend, log });
+    gateway = threaded;
+    backend = threaded.backend;
     log('engine: on its own worker thread (HTTP never waits for a step)');
   } else {
-    await resolveBackend(engine.backend, log);
+    backend = await resolveBackend(engine.backend, log);
     const loraCost = measureLoraCostModel();
     log(`LoRA cost model measured on this backend: ${describeLoraCostModel(loraCost)}`);
     gateway = await Gateway.create({ ...common, model: await loadLlamaModel(modelDir), loraCost });
@@ -104,7 +118,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   } else {
     log('federation off (start with --redis URL to run federated training jobs)');
   }
-  const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator });
+  const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator, logger, build: buildInfoOf(packageVersion(), backend) });
   let url: string;
   try {
     url = await app.listen({ host: cfg.host, port: cfg.port });

@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import { AdapterError, errorFromWire, LoraGatewayError } from '../errors.js';
-import type { BackendChoice } from '../model/backend/backend.js';
+import type { BackendChoice, ResolvedBackend } from '../model/backend/backend.js';
 import { prepareOpenBlasEnvironment } from '../model/backend/native-matmul.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
@@ -44,6 +44,8 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
   readonly model: ModelConfig;
   readonly tokenizer: TextTokenizer | undefined;
   poolCapacity = 0;
+  /** The backend the engine thread resolved (this thread has none of its own). */
+  backend: ResolvedBackend | undefined;
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
   private readonly retiring = new Map<number, () => void>();
@@ -91,6 +93,7 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
         if (m.type === 'log') options.log?.(m.line);
         else if (m.type === 'ready') {
           gateway.poolCapacity = m.poolCapacity;
+          gateway.backend = m.backend;
           gateway.latestStats = m.stats;
           resolve();
         } else if (m.type === 'failed') reject(errorFromWire(m.error));

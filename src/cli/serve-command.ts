@@ -61,6 +61,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     hostMemoryBytes: cfg.hostMemoryBytes,
     maxLoraRank: engine.maxLoraRank,
     loraStrategy: engine.loraStrategy,
+    keepVersions: cfg.keepVersions,
     limits: {
       maxRunningSeqs: cfg.maxRunningSeqs,
       maxBatchTokens: cfg.maxBatchTokens,
@@ -90,6 +91,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
       await gateway.loadAdapterFromDir(entry.name, join(adapterDir, entry.name));
     }
   }
+  if (cfg.keepVersions !== undefined) log(`adapter versions: the newest ${cfg.keepVersions} of each kept on disk, older ones removed once no request uses them`);
   const metrics = new GatewayMetrics(gateway);
   let coordinator: RoundCoordinator | undefined;
   if (cfg.redisUrl) {

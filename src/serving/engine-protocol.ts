@@ -30,6 +30,8 @@ export type ToEngine =
   | { type: 'submit'; id: number; request: WireRequest; record: AdapterRecord | null }
   | { type: 'cancel'; id: number }
   | { type: 'retire'; id: number; adapterId: string; versions: AdapterRecord[] }
+  /** Versions pruned from disk (--keep-versions): drop them from host and device, no reply. */
+  | { type: 'forget'; versions: AdapterRecord[] }
   | { type: 'close' };
 
 /** Pager residences of versions not only on disk, keyed `id@version`. */

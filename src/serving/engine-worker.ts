@@ -83,6 +83,9 @@ function serveMessages(core: EngineCore): void {
           () => post({ type: 'retired', id: m.id, residences: residences() }),
         );
         break;
+      case 'forget':
+        core.forgetUnpinned(m.versions);
+        break;
       case 'close':
         core.close();
         post({ type: 'closed' });

@@ -68,7 +68,7 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
 
   /** Opens the store, starts the engine thread and resolves once its model is loaded. */
   static async create(options: ThreadedGatewayOptions): Promise<ThreadedGateway> {
-    const store = await AdapterStore.open(options.storeDir, options.model, options.maxLoraRank);
+    const store = await AdapterStore.open(options.storeDir, options.model, options.maxLoraRank, { keepVersions: options.keepVersions });
     const init: EngineWorkerInit = {
       modelDir: options.modelDir,
       backend: options.backend,
@@ -185,7 +185,7 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
     if (request.signal?.aborted) return Promise.reject(new LoraGatewayError('REQUEST_CANCELLED', 'the request was cancelled'));
     const id = this.nextId++;
     const { signal, ...wire } = request;
-    return new Promise<GenerationResult>((resolve, reject) => {
+    const run = new Promise<GenerationResult>((resolve, reject) => {
       const p: Pending = { resolve, reject, onToken };
       if (signal) {
         const onAbort = () => this.send({ type: 'cancel', id });
@@ -195,6 +195,11 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
       this.pending.set(id, p);
       this.send({ type: 'submit', id, request: wire, record });
     });
+    return this.track(record, run);
+  }
+
+  protected forgetVersions(versions: AdapterRecord[]): void {
+    if (!this.failure && !this.closed) this.send({ type: 'forget', versions });
   }
 
   protected async retire(adapterId: string, versions: AdapterRecord[]): Promise<void> {

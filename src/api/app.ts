@@ -1,4 +1,4 @@
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
 import type { RoundCoordinator } from '../federation/round-coordinator.js';
 import type { ServingEngine } from '../serving/serving-engine.js';
 import { adapterRoutes } from './adapter-routes.js';
@@ -37,6 +37,9 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     // one line per request from whenRequestEnds below instead of Fastify's pair of lines
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: bodyLimitBytes,
+    // errors Fastify raises before routing (a bad URL encoding, an over-long path parameter)
+    // bypass the error handler: OpenAI-shaped like every other error
+    frameworkErrors: (err, _req, reply) => void (reply as FastifyReply).status(err.statusCode ?? 400).send(errorBody(err.code ?? 'request_invalid', err.message)),
   }) as unknown as FastifyInstance;
   whenRequestEnds(app, (req, reply, aborted) => {
     // inference routes are counted by their RequestMeter, which knows a stream's real outcome

@@ -37,6 +37,10 @@ test('serve logs one JSON line per request on stdout (id, route, adapter, status
     const missingAdapter = await fetch(`${server.url}/v1/completions`, { method: 'POST', headers, body: JSON.stringify({ model: 'no-such-adapter', prompt: 'x', max_tokens: 1 }) });
     assert.equal(missingAdapter.status, 404);
     assert.equal((await fetch(`${server.url}/v1/no/such/route?x=1`, { headers })).status, 404);
+    // errors Fastify raises before routing are OpenAI-shaped too
+    const badUrl = await fetch(`${server.url}/v1/models/%E0%A4%A`);
+    assert.equal(badUrl.status, 400);
+    assert.equal(((await badUrl.json()) as { error: { code: string } }).error.code, 'fst_err_bad_url');
     const ready = (await (await fetch(`${server.url}/ready`)).json()) as Record<string, unknown>;
     assert.deepEqual(Object.keys(ready).sort(), ['backend', 'model', 'native_blas', 'status', 'version']);
     assert.equal(ready.version, version);

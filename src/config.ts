@@ -1,6 +1,10 @@
 import { z } from 'zod';
 import { ConfigError } from './errors.js';
 
+/** pino's levels, most severe first; `silent` writes nothing. */
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
 /**
  * The engine's one configuration object: read from flags and environment in one place
  * (the CLI), validated once here, frozen, and passed down.
@@ -89,6 +93,14 @@ const serveConfigSchema = z
     allowUnauthenticated: z.boolean().default(false),
     /** Folders POST /v1/load_lora_adapter may read; absent: runtime loading from folders is off. */
     loraPathRoot: z.string().min(1).optional(),
+    /** Least severe log entries written (one line per request at info). @defaultValue 'info' */
+    logLevel: z.enum(LOG_LEVELS).default('info'),
+    /**
+     * Versions of each adapter kept on disk; older ones are removed once no request uses them.
+     * Absent: every version is kept (federation's audit trail and rollbacks rely on old
+     * versions, so dropping them is the operator's choice). @defaultValue keep all
+     */
+    keepVersions: z.number().int().positive().max(1_000_000).optional(),
   })
   .strict();
 

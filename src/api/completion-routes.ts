@@ -20,7 +20,7 @@ import {
   usageOf,
   type SamplingBody,
 } from './openai-params.js';
-import { RequestMeter, type InferenceRoute } from './request-meter.js';
+import { attachMeter, meterOf as attachedMeter, RequestMeter, type InferenceRoute } from './request-meter.js';
 import { SseStream, streamResponse } from './sse.js';
 
 interface CompletionBody extends SamplingBody {
@@ -45,8 +45,11 @@ function completionBodySchema(modelRequired: boolean) {
 
 const idParam = { type: 'object', properties: { id: { type: 'string', maxLength: 256 } }, required: ['id'] } as const;
 
-/** Which routes are inference requests, for the `route` label of lora_gateway_requests_total. */
-const METERED: Record<string, InferenceRoute> = {
+/**
+ * Which routes are inference requests, for the `route` label of lora_gateway_requests_total;
+ * their RequestMeter counts them (every other route is counted by the app's onResponse hook).
+ */
+export const METERED: Record<string, InferenceRoute> = {
   '/v1/completions': 'completions',
   '/v1/adapters/:id/completions': 'completions',
   '/v1/chat/completions': 'chat',
@@ -64,11 +67,11 @@ export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; engin
   const meters = new WeakMap<FastifyRequest, RequestMeter>();
   app.addHook('onRequest', async (req) => {
     const route = METERED[req.routeOptions.url ?? ''];
-    if (route) meters.set(req, new RequestMeter(metrics, route));
+    if (route) attachMeter(req, new RequestMeter(metrics, route));
   });
   // Counts what was sent; streams and hung-up clients were already counted with their real outcome.
-  app.addHook('onResponse', async (req, reply) => meters.get(req)?.count(reply.statusCode));
-  const meterOf = (req: FastifyRequest, route: InferenceRoute) => meters.get(req) ?? new RequestMeter(metrics, route);
+  app.addHook('onResponse', async (req, reply) => attachedMeter(req)?.count(reply.statusCode));
+  const meterOf = (req: FastifyRequest, route: InferenceRoute) => attachedMeter(req) ?? new RequestMeter(metrics, route);
 
   const startedAt = unixSeconds();
   const modelCard = (id: string, parent: string | null) => ({

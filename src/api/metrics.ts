@@ -1,5 +1,6 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { ServingEngine } from '../serving/serving-engine.js';
+import type { BuildInfo } from './ops-routes.js';
 
 const LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
 
@@ -9,7 +10,14 @@ const LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 6
  */
 export class GatewayMetrics {
   readonly registry = new Registry();
-  readonly requests = new Counter({ name: 'lora_gateway_requests_total', help: 'Finished HTTP inference requests', labelNames: ['route', 'status'], registers: [this.registry] });
+  /**
+   * Every HTTP request, by route and status: inference routes as `completions` / `chat` (what
+   * the dashboard has always read), every other one as `METHOD /pattern`, and requests that
+   * match no route as `unmatched`, so the label stays bounded whatever URLs clients send.
+   */
+  readonly requests = new Counter({ name: 'lora_gateway_requests_total', help: 'Finished HTTP requests by route and status', labelNames: ['route', 'status'], registers: [this.registry] });
+  /** Always 1; the labels say what runs (Prometheus' *_build_info convention). */
+  private readonly buildInfo = new Gauge({ name: 'lora_gateway_build_info', help: 'Version, tensor backend and Node.js of this process (value 1)', labelNames: ['version', 'backend', 'native_blas', 'node'], registers: [this.registry] });
   readonly ttft = new Histogram({ name: 'lora_gateway_time_to_first_token_seconds', help: 'Time from request arrival to its first token', buckets: LATENCY_BUCKETS, registers: [this.registry] });
   readonly interToken = new Histogram({ name: 'lora_gateway_inter_token_latency_seconds', help: 'Time between consecutive tokens of one request', buckets: LATENCY_BUCKETS, registers: [this.registry] });
   readonly e2e = new Histogram({ name: 'lora_gateway_request_duration_seconds', help: 'End-to-end latency of inference requests', buckets: LATENCY_BUCKETS, registers: [this.registry] });
@@ -27,6 +35,11 @@ export class GatewayMetrics {
   readonly preemptions = new Counter({ name: 'lora_gateway_preemptions_total', help: 'Running sequences sent back to the queue because KV pages ran out', registers: [this.registry] });
 
   readonly adapterLoad = new Histogram({ name: 'lora_gateway_adapter_load_seconds', help: 'Time to bring an adapter onto the device', buckets: LATENCY_BUCKETS, registers: [this.registry] });
+
+  reportBuild(build: BuildInfo): void {
+    this.buildInfo.reset();
+    this.buildInfo.set({ version: build.version, backend: build.backend, native_blas: String(build.nativeBlas), node: process.versions.node }, 1);
+  }
 
   constructor(engine: ServingEngine) {
     const r = [this.registry];

@@ -1,11 +1,27 @@
 import type { FastifyPluginAsync } from 'fastify';
+import type { ResolvedBackend } from '../model/backend/backend.js';
 import type { ServingEngine } from '../serving/serving-engine.js';
 import type { GatewayMetrics } from './metrics.js';
 
+/** What this process runs, for /ready and the lora_gateway_build_info gauge. */
+export interface BuildInfo {
+  /** package.json's version. */
+  version: string;
+  /** The tfjs backend running the engine: 'tensorflow', 'wasm' or 'cpu' ('unknown' before one is resolved). */
+  backend: string;
+  /** wasm: whether the native OpenBLAS kernels (matrix products, SGMV LoRA) are on; false elsewhere. */
+  nativeBlas: boolean;
+}
+
+export function buildInfoOf(version: string, backend: ResolvedBackend | undefined): BuildInfo {
+  return { version, backend: backend?.name ?? 'unknown', nativeBlas: backend?.nativeBlas === true };
+}
+
 /** /health (process up), /ready (model loaded: the engine exists once it is), /metrics. */
-export const opsRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics }> = async (app, { engine, metrics }) => {
+export const opsRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics; build: BuildInfo }> = async (app, { engine, metrics, build }) => {
+  metrics.reportBuild(build);
   app.get('/health', async () => ({ status: 'ok' }));
-  app.get('/ready', async () => ({ status: 'ready', model: engine.modelId }));
+  app.get('/ready', async () => ({ status: 'ready', model: engine.modelId, backend: build.backend, native_blas: build.nativeBlas, version: build.version }));
   app.get('/metrics', async (_req, reply) => {
     void reply.header('content-type', metrics.registry.contentType);
     return metrics.registry.metrics();

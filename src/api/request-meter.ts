@@ -1,3 +1,4 @@
+import type { FastifyRequest } from 'fastify';
 import type { GatewayMetrics } from './metrics.js';
 
 /** The `route` label of lora_gateway_requests_total: a bounded set, never the adapter id. */
@@ -12,6 +13,10 @@ export type InferenceRoute = 'completions' | 'chat';
 export class RequestMeter {
   private lastTokenAt: number | undefined;
   private counted = false;
+  /** What the request log line reports: the engine's token counts and the status counted. */
+  promptTokens: number | undefined;
+  generatedTokens: number | undefined;
+  status: number | undefined;
 
   constructor(
     private readonly metrics: GatewayMetrics,
@@ -30,6 +35,8 @@ export class RequestMeter {
 
   /** The engine finished with the request; prompt tokens count once the prompt was prefilled. */
   generated(promptTokens: number, generatedTokens: number, succeeded: boolean): void {
+    this.promptTokens = promptTokens;
+    this.generatedTokens = generatedTokens;
     if (succeeded) this.metrics.e2e.observe((performance.now() - this.arrivedAt) / 1000);
     if (succeeded || generatedTokens > 0) this.metrics.promptTokens.inc(promptTokens);
     this.metrics.generatedTokens.inc(generatedTokens);
@@ -39,6 +46,19 @@ export class RequestMeter {
   count(status: number): void {
     if (this.counted) return;
     this.counted = true;
+    this.status = status;
     this.metrics.requests.inc({ route: this.route, status: String(status) });
   }
+}
+
+// One meter per inference request, shared by the route that feeds it and the request log
+// (request-log.ts), which reads its token counts and outcome when the response ends.
+const meters = new WeakMap<FastifyRequest, RequestMeter>();
+
+export function attachMeter(req: FastifyRequest, meter: RequestMeter): void {
+  meters.set(req, meter);
+}
+
+export function meterOf(req: FastifyRequest): RequestMeter | undefined {
+  return meters.get(req);
 }

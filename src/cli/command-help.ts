@@ -31,6 +31,10 @@ Usage: lora-gateway serve [options]
   --redis URL                    Redis for federated training jobs (default off; LORA_GATEWAY_REDIS_URL)
   --federation-prefix P          prefix of every federation key and queue (default lora-gateway)
   --federation-keep-updates on|off   keep accepted updates for the audit route (default on)
+  --log-level LEVEL              fatal|error|warn|info|debug|trace|silent (default info; LORA_GATEWAY_LOG_LEVEL);
+                                 JSON lines on stdout when it is not a terminal, one line per request
+  --keep-versions N              versions of each adapter kept on disk, older ones removed once unused
+                                 (default: keep all; LORA_GATEWAY_KEEP_VERSIONS)
 ${ENGINE}`,
   generate: `lora-gateway generate — one prompt, or a JSONL batch in one heterogeneous batch
 

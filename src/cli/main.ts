@@ -1,11 +1,12 @@
 #!/usr/bin/env node
-import { existsSync, readFileSync, realpathSync } from 'node:fs';
+import { existsSync, realpathSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { engineConfigFrom, parseBytes, parseServeConfig, type EngineConfig } from '../config.js';
 import { LoraGatewayError } from '../errors.js';
+import { packageVersion } from '../package-version.js';
 import { resolveBackend } from '../model/backend/backend.js';
 import type { LlamaModel } from '../model/forward/llama-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
@@ -33,6 +34,7 @@ Usage:
                      [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N] [--body-limit 256MiB]
                      [--engine-thread on|off] [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
                      [--api-keys FILE] [--metrics-public] [--allow-unauthenticated] [--lora-path-root DIR]
+                     [--log-level info] [--keep-versions N]
       without --model: serves the demo model (created once under --data, default ./data)
       with --redis: also runs federated training jobs (POST /v1/federation/jobs)
   lora-gateway api-key create --api-keys FILE --tenant T [--role admin|tenant] [--json]
@@ -88,6 +90,8 @@ const OPTIONS = {
   'federation-prefix': { type: 'string' },
   'federation-keep-updates': { type: 'string' },
   'engine-thread': { type: 'string' },
+  'log-level': { type: 'string' },
+  'keep-versions': { type: 'string' },
   'client-id': { type: 'string' },
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
@@ -238,11 +242,7 @@ function fedClientAcl(flags: Flags): void {
   }
 }
 
-/** This package's version, from its package.json (two folders up from src/cli and dist/cli). */
-export function packageVersion(): string {
-  const pkg = JSON.parse(readFileSync(fileURLToPath(new URL('../../package.json', import.meta.url)), 'utf8')) as { version: string };
-  return pkg.version;
-}
+export { packageVersion };
 
 export async function main(argv: string[]): Promise<number> {
   if (argv[0] === '--version' || argv[0] === '-v') {
@@ -299,6 +299,8 @@ export async function main(argv: string[]): Promise<number> {
         metricsPublic: flags['metrics-public'],
         allowUnauthenticated: flags['allow-unauthenticated'],
         loraPathRoot: flags['lora-path-root'] ?? env.LORA_GATEWAY_LORA_PATH_ROOT,
+        logLevel: flags['log-level'] ?? env.LORA_GATEWAY_LOG_LEVEL,
+        keepVersions: num(flags['keep-versions'] ?? env.LORA_GATEWAY_KEEP_VERSIONS, 'keep-versions'),
       });
       const server = await serve({ modelDir: flags.model, engine: config, serve: serveConfig, log: logToStderr });
       await new Promise<void>((done) => {

@@ -7,8 +7,11 @@ import { ApiKeyFile } from '../tenants/api-key-file.js';
 import { buildApp } from '../api/app.js';
 import { FederationMetrics } from '../api/federation-metrics.js';
 import { GatewayMetrics } from '../api/metrics.js';
+import { buildInfoOf } from '../api/ops-routes.js';
+import { createLogger } from '../api/request-log.js';
+import { packageVersion } from '../package-version.js';
 import type { EngineConfig, ServeConfig } from '../config.js';
-import { resolveBackend } from '../model/backend/backend.js';
+import { resolveBackend, type ResolvedBackend } from '../model/backend/backend.js';
 import { describeLoraCostModel, measureLoraCostModel } from '../model/lora/lora-cost-model.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
 import { baseModelFingerprint } from '../federation/base-fingerprint.js';
@@ -25,7 +28,10 @@ export interface ServeOptions {
   modelDir?: string;
   engine: EngineConfig;
   serve: ServeConfig;
+  /** Startup lines when stdout is a terminal; otherwise they go through the JSON logger. */
   log: (line: string) => void;
+  /** Whether stdout is a terminal (human-readable log lines) or not (JSON lines). @defaultValue process.stdout.isTTY */
+  stdoutIsTerminal?: boolean;
 }
 
 async function demoModelDir(dataDir: string, log: (line: string) => void): Promise<{ modelDir: string; adapterDir: string }> {
@@ -39,7 +45,12 @@ async function demoModelDir(dataDir: string, log: (line: string) => void): Promi
 
 /** Starts the gateway; resolves once it listens, with a function that shuts it down. */
 export async function serve(options: ServeOptions): Promise<{ url: string; close: () => Promise<void> }> {
-  const { serve: cfg, engine, log } = options;
+  const { serve: cfg, engine } = options;
+  // one logger for requests and, when it writes JSON, the startup lines too: a log collector
+  // reading stdout then gets nothing but JSON lines; a terminal keeps the plain lines on stderr
+  const json = !(options.stdoutIsTerminal ?? process.stdout.isTTY === true);
+  const logger = createLogger({ level: cfg.logLevel, json });
+  const log = json ? (line: string) => logger.info(line) : options.log;
   // before anything heavy loads: a server reachable from other machines needs keys
   if (!cfg.apiKeysPath && !cfg.allowUnauthenticated && !isLoopback(cfg.host)) {
     throw new ConfigError(
@@ -63,6 +74,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     hostMemoryBytes: cfg.hostMemoryBytes,
     maxLoraRank: engine.maxLoraRank,
     loraStrategy: engine.loraStrategy,
+    keepVersions: cfg.keepVersions,
     limits: {
       maxRunningSeqs: cfg.maxRunningSeqs,
       maxBatchTokens: cfg.maxBatchTokens,
@@ -71,12 +83,15 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     },
   };
   let gateway: Gateway | ThreadedGateway;
+  let backend: ResolvedBackend | undefined;
   if (cfg.engineThread) {
     // the engine (backend, model, batcher) on its own thread; HTTP stays on this event loop
-    gateway = await ThreadedGateway.create({ ...common, modelDir, model: await readModelConfig(modelDir), backend: engine.backend, log });
+    const threaded = await ThreadedGateway.create({ ...common, modelDir, model: await readModelConfig(modelDir), backend: engine.backend, log });
+    gateway = threaded;
+    backend = threaded.backend;
     log('engine: on its own worker thread (HTTP never waits for a step)');
   } else {
-    await resolveBackend(engine.backend, log);
+    backend = await resolveBackend(engine.backend, log);
     const loraCost = measureLoraCostModel();
     log(`LoRA cost model measured on this backend: ${describeLoraCostModel(loraCost)}`);
     gateway = await Gateway.create({ ...common, model: await loadLlamaModel(modelDir), loraCost });
@@ -89,6 +104,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
       await gateway.loadAdapterFromDir(entry.name, join(adapterDir, entry.name));
     }
   }
+  if (cfg.keepVersions !== undefined) log(`adapter versions: the newest ${cfg.keepVersions} of each kept on disk, older ones removed once no request uses them`);
   const metrics = new GatewayMetrics(gateway);
   let coordinator: RoundCoordinator | undefined;
   if (cfg.redisUrl) {
@@ -117,7 +133,17 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   } else {
     log('federation off (start with --redis URL to run federated training jobs)');
   }
-  const app = await buildApp({ engine: gateway, metrics, bodyLimitBytes: cfg.bodyLimitBytes, coordinator, apiKeys: keys && (() => keys.ring), metricsPublic: cfg.metricsPublic, loraPaths });
+  const app = await buildApp({
+    engine: gateway,
+    metrics,
+    bodyLimitBytes: cfg.bodyLimitBytes,
+    coordinator,
+    logger,
+    build: buildInfoOf(packageVersion(), backend),
+    apiKeys: keys && (() => keys.ring),
+    metricsPublic: cfg.metricsPublic,
+    loraPaths,
+  });
   if (keys) log(`API keys on: ${keys.ring.size} key(s) from --api-keys (re-read on SIGHUP); /metrics ${cfg.metricsPublic ? 'public' : 'needs an admin key'}`);
   else log(`API keys off: every client is admin (local development); start with --api-keys FILE to give tenants their own adapters`);
   log(loraPaths.enabled ? 'load_lora_adapter: reads folders under --lora-path-root' : 'load_lora_adapter: off (start with --lora-path-root DIR to register server folders at runtime)');

@@ -32,6 +32,14 @@ export interface PutOptions {
   provenance?: Record<string, unknown>;
 }
 
+export interface AdapterStoreOptions {
+  /**
+   * Versions of each id kept on disk: after a put, `prune` removes older ones that no request
+   * uses. Absent: every version is kept. @defaultValue keep all
+   */
+  keepVersions?: number;
+}
+
 export interface AdapterFiles {
   config: Buffer;
   weights: Buffer;
@@ -120,17 +128,22 @@ export class AdapterStore {
   private readonly highest = new Map<string, number>();
   /** The tail of each id's chain of writes. */
   private readonly writes = new Map<string, Promise<unknown>>();
+  private readonly keepVersions: number | undefined;
 
-  private constructor(root: string, model: ModelConfig, maxRank: number) {
+  private constructor(root: string, model: ModelConfig, maxRank: number, options: AdapterStoreOptions) {
     this.root = root;
     this.model = model;
     this.maxRank = maxRank;
+    this.keepVersions = options.keepVersions;
   }
 
-  /** Opens (creating) a store; leftovers of interrupted writes are removed, damaged versions skipped. */
-  static async open(root: string, model: ModelConfig, maxRank: number): Promise<AdapterStore> {
+  /**
+   * Opens (creating) a store; leftovers of interrupted writes are removed, damaged versions
+   * skipped, and with `keepVersions` the versions beyond it removed (nothing runs yet).
+   */
+  static async open(root: string, model: ModelConfig, maxRank: number, options: AdapterStoreOptions = {}): Promise<AdapterStore> {
     await mkdir(root, { recursive: true });
-    const store = new AdapterStore(root, model, maxRank);
+    const store = new AdapterStore(root, model, maxRank, options);
     for (const entry of await readdir(root, { withFileTypes: true })) {
       if (!entry.isDirectory()) continue;
       if (entry.name.startsWith('.tmp-')) {
@@ -148,7 +161,35 @@ export class AdapterStore {
         }
       }
     }
+    for (const id of store.latest.keys()) await store.prune(id, () => false);
     return store;
+  }
+
+  /**
+   * Removes the versions of `id` beyond the newest `keepVersions` (counted down from the
+   * latest readable one), except those `inUse` says a request still reads: they go at a later
+   * call, once it is over. Never touches the latest version, nor folders newer than it (an
+   * interrupted or damaged write is no reason to drop the version that serves). Resolves to
+   * the version numbers removed; none without `keepVersions`.
+   */
+  prune(id: string, inUse: (version: number) => boolean): Promise<number[]> {
+    const keep = this.keepVersions;
+    if (keep === undefined) return Promise.resolve([]);
+    return this.serialized(id, async () => {
+      const latest = this.latest.get(id);
+      if (!latest) return [];
+      const older = (await this.versionsOf(id)).filter((v) => v <= latest.version).slice(keep);
+      const removed: number[] = [];
+      for (const v of older) {
+        // asked right before each removal: a request takes the latest record when it starts, so
+        // no request can begin on a version this loop is past
+        if (inUse(v)) continue;
+        await rm(join(this.root, id, `v${v}`), { recursive: true, force: true });
+        removed.push(v);
+      }
+      if (removed.length > 0) await syncDir(join(this.root, id));
+      return removed;
+    });
   }
 
   /** The latest version of an id. */

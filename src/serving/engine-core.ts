@@ -1,6 +1,6 @@
 import type { LlamaModel } from '../model/forward/llama-model.js';
 import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
-import { AdapterPager, type AdapterResidence } from '../pager/adapter-pager.js';
+import { AdapterPager, adapterVersionKey, type AdapterResidence } from '../pager/adapter-pager.js';
 import type { AdapterRecord, AdapterStore, StoredAdapterReader } from '../pager/adapter-store.js';
 import { PagePool } from '../pager/page-pool.js';
 import { pageBytes } from '../pager/page-sizes.js';
@@ -64,6 +64,12 @@ export class EngineCore {
   async retire(id: string, versions: AdapterRecord[]): Promise<void> {
     await this.batcher.drain(id);
     for (const r of versions) this.pager.forget(r);
+  }
+
+  /** Drops versions removed from disk from host and device; one still pinned (in use) stays until evicted. */
+  forgetUnpinned(versions: AdapterRecord[]): void {
+    const pinned = new Set(this.pager.deviceResident().filter((e) => e.pins > 0).map((e) => e.key));
+    for (const r of versions) if (!pinned.has(adapterVersionKey(r))) this.pager.forget(r);
   }
 
   residence(record: AdapterRecord): AdapterResidence {

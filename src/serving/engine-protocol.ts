@@ -1,5 +1,5 @@
 import type { WireError } from '../errors.js';
-import type { BackendChoice } from '../model/backend/backend.js';
+import type { BackendChoice, ResolvedBackend } from '../model/backend/backend.js';
 import type { LoraStrategy } from '../model/lora/lora-batch.js';
 import type { AdapterResidence } from '../pager/adapter-pager.js';
 import type { AdapterRecord } from '../pager/adapter-store.js';
@@ -30,6 +30,8 @@ export type ToEngine =
   | { type: 'submit'; id: number; request: WireRequest; record: AdapterRecord | null }
   | { type: 'cancel'; id: number }
   | { type: 'retire'; id: number; adapterId: string; versions: AdapterRecord[] }
+  /** Versions pruned from disk (--keep-versions): drop them from host and device, no reply. */
+  | { type: 'forget'; versions: AdapterRecord[] }
   | { type: 'close' };
 
 /** Pager residences of versions not only on disk, keyed `id@version`. */
@@ -37,7 +39,7 @@ export type ResidenceView = { key: string; residence: AdapterResidence; error?: 
 
 export type FromEngine =
   | { type: 'log'; line: string }
-  | { type: 'ready'; poolCapacity: number; stats: EngineStats }
+  | { type: 'ready'; poolCapacity: number; stats: EngineStats; backend?: ResolvedBackend }
   | { type: 'failed'; error: WireError }
   | { type: 'token'; id: number; event: TokenEvent }
   | { type: 'done'; id: number; result: GenerationResult }

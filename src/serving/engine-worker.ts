@@ -1,6 +1,6 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { errorToWire } from '../errors.js';
-import { resolveBackend } from '../model/backend/backend.js';
+import { resolveBackend, type ResolvedBackend } from '../model/backend/backend.js';
 import { loadLlamaModel } from '../model/forward/model-loader.js';
 import { describeLoraCostModel, measureLoraCostModel } from '../model/lora/lora-cost-model.js';
 import { storedAdapterReader, type AdapterRecord } from '../pager/adapter-store.js';
@@ -19,12 +19,12 @@ const post = (m: FromEngine) => port.postMessage(m);
 // API thread resolved for that request
 const records = new Map<string, AdapterRecord>();
 
-async function start(): Promise<EngineCore> {
-  await resolveBackend(init.backend, (line) => post({ type: 'log', line }));
+async function start(): Promise<{ core: EngineCore; backend: ResolvedBackend }> {
+  const backend = await resolveBackend(init.backend, (line) => post({ type: 'log', line }));
   const model = await loadLlamaModel(init.modelDir);
   const loraCost = measureLoraCostModel();
   post({ type: 'log', line: `LoRA cost model measured on this backend: ${describeLoraCostModel(loraCost)}` });
-  return new EngineCore({
+  const core = new EngineCore({
     model,
     reader: storedAdapterReader(init.storeDir, model.config, init.maxLoraRank),
     records,
@@ -35,6 +35,7 @@ async function start(): Promise<EngineCore> {
     loraStrategy: init.loraStrategy,
     loraCost,
   });
+  return { core, backend };
 }
 
 function serveMessages(core: EngineCore): void {
@@ -83,6 +84,9 @@ function serveMessages(core: EngineCore): void {
           () => post({ type: 'retired', id: m.id, residences: residences() }),
         );
         break;
+      case 'forget':
+        core.forgetUnpinned(m.versions);
+        break;
       case 'close':
         core.close();
         post({ type: 'closed' });
@@ -93,9 +97,9 @@ function serveMessages(core: EngineCore): void {
 }
 
 start().then(
-  (core) => {
+  ({ core, backend }) => {
     serveMessages(core);
-    post({ type: 'ready', poolCapacity: core.pool.capacity, stats: core.stats() });
+    post({ type: 'ready', poolCapacity: core.pool.capacity, stats: core.stats(), backend });
   },
   (err: unknown) => post({ type: 'failed', error: errorToWire(err) }),
 );

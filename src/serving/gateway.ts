@@ -53,7 +53,7 @@ export class Gateway extends StoreBackedEngine implements ServingEngine {
   }
 
   static async create(options: GatewayOptions): Promise<Gateway> {
-    return new Gateway(options, await AdapterStore.open(options.storeDir, options.model.config, options.maxLoraRank));
+    return new Gateway(options, await AdapterStore.open(options.storeDir, options.model.config, options.maxLoraRank, { keepVersions: options.keepVersions }));
   }
 
   /** Device pages in the pool (KV + adapters). */
@@ -62,11 +62,17 @@ export class Gateway extends StoreBackedEngine implements ServingEngine {
   }
 
   complete(request: CompletionRequest, onToken?: (event: TokenEvent) => void): Promise<GenerationResult> {
-    return this.core.complete(request, onToken);
+    // the batcher takes the same record, synchronously, when it accepts the request
+    const record = request.adapterId === null ? null : this.store.get(request.adapterId);
+    return this.track(record, this.core.complete(request, onToken));
   }
 
   protected retire(id: string, versions: AdapterRecord[]): Promise<void> {
     return this.core.retire(id, versions);
+  }
+
+  protected forgetVersions(versions: AdapterRecord[]): void {
+    this.core.forgetUnpinned(versions);
   }
 
   /** Where an adapter's latest version lives now: disk, host, device, or errored. */

@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { AdapterError } from '../errors.js';
 import type { LoraStrategy } from '../model/lora/lora-batch.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
+import { adapterVersionKey } from '../pager/adapter-pager.js';
 import type { AdapterFiles, AdapterRecord, AdapterStore, PutOptions } from '../pager/adapter-store.js';
 import type { BatcherLimits } from './batcher-options.js';
 
@@ -18,6 +19,8 @@ export interface StoreBackedEngineOptions {
   maxLoraRank: number;
   limits: BatcherLimits;
   loraStrategy?: LoraStrategy;
+  /** Versions of each adapter kept on disk (older ones removed once unused). @defaultValue keep all */
+  keepVersions?: number;
 }
 
 /**
@@ -27,6 +30,8 @@ export interface StoreBackedEngineOptions {
  */
 export abstract class StoreBackedEngine {
   protected readonly store: AdapterStore;
+  /** Requests running or waiting per adapter version (`id@version`): the versions pruning must spare. */
+  private readonly inFlight = new Map<string, number>();
 
   protected constructor(store: AdapterStore) {
     this.store = store;
@@ -34,6 +39,49 @@ export abstract class StoreBackedEngine {
 
   /** Waits until no request uses the id, then drops the given versions from host and device. */
   protected abstract retire(id: string, versions: AdapterRecord[]): Promise<void>;
+
+  /** Drops versions removed from disk from host and device (no request uses them). */
+  protected abstract forgetVersions(versions: AdapterRecord[]): void;
+
+  /**
+   * Counts `run` as a request on `record`'s version until it settles. When the last request on
+   * a version older than the latest ends, the version is pruned (if --keep-versions says so)
+   * before the request's result is handed back, so a client that got its answer sees the
+   * store as it will stay.
+   */
+  protected track<T>(record: AdapterRecord | null | undefined, run: Promise<T>): Promise<T> {
+    if (!record) return run;
+    const key = adapterVersionKey(record);
+    this.inFlight.set(key, (this.inFlight.get(key) ?? 0) + 1);
+    const settle = async () => {
+      const left = (this.inFlight.get(key) ?? 1) - 1;
+      if (left > 0) this.inFlight.set(key, left);
+      else this.inFlight.delete(key);
+      if (left === 0 && record.version < (this.store.get(record.id)?.version ?? 0)) await this.pruneVersions(record.id);
+    };
+    return run.then(
+      async (result) => {
+        await settle();
+        return result;
+      },
+      async (err: unknown) => {
+        await settle();
+        throw err;
+      },
+    );
+  }
+
+  /**
+   * Removes the versions of `id` beyond --keep-versions that no request uses. A failure to
+   * remove one (an I/O error) must not fail the put or request that triggered it: the next
+   * put or finished request tries again.
+   */
+  private async pruneVersions(id: string): Promise<void> {
+    const latest = this.store.get(id);
+    if (!latest) return;
+    const removed = await this.store.prune(id, (version) => this.inFlight.has(adapterVersionKey({ id, version }))).catch(() => []);
+    if (removed.length > 0) this.forgetVersions(removed.map((version) => ({ ...latest, version })));
+  }
 
   /** The served model's name: `model` with this value means the base model. */
   abstract readonly modelId: string;
@@ -53,9 +101,11 @@ export abstract class StoreBackedEngine {
     return this.store.get(id);
   }
 
-  putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
+  async putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
     this.refuseReserved(id);
-    return this.store.put(id, files, options);
+    const record = await this.store.put(id, files, options);
+    await this.pruneVersions(id);
+    return record;
   }
 
   getAdapterVersion(id: string, version?: number): Promise<AdapterRecord | undefined> {
@@ -82,7 +132,9 @@ export abstract class StoreBackedEngine {
     } catch (err) {
       throw new AdapterError('ADAPTER_CONFIG_INVALID', `${dir}: cannot read adapter_config.json and adapter_model.safetensors`, { cause: err });
     }
-    return this.store.put(id, files);
+    const record = await this.store.put(id, files);
+    await this.pruneVersions(id);
+    return record;
   }
 
   /** Waits for in-flight requests on the adapter, then removes every version of it. */

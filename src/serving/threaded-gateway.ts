@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import { AdapterError, errorFromWire, LoraGatewayError } from '../errors.js';
-import type { BackendChoice } from '../model/backend/backend.js';
+import type { BackendChoice, ResolvedBackend } from '../model/backend/backend.js';
 import { prepareOpenBlasEnvironment } from '../model/backend/native-matmul.js';
 import type { ModelConfig } from '../model/architecture/model-config.js';
 import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
@@ -44,6 +44,8 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
   readonly model: ModelConfig;
   readonly tokenizer: TextTokenizer | undefined;
   poolCapacity = 0;
+  /** The backend the engine thread resolved (this thread has none of its own). */
+  backend: ResolvedBackend | undefined;
   private readonly worker: Worker;
   private readonly pending = new Map<number, Pending>();
   private readonly retiring = new Map<number, () => void>();
@@ -66,7 +68,7 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
 
   /** Opens the store, starts the engine thread and resolves once its model is loaded. */
   static async create(options: ThreadedGatewayOptions): Promise<ThreadedGateway> {
-    const store = await AdapterStore.open(options.storeDir, options.model, options.maxLoraRank);
+    const store = await AdapterStore.open(options.storeDir, options.model, options.maxLoraRank, { keepVersions: options.keepVersions });
     const init: EngineWorkerInit = {
       modelDir: options.modelDir,
       backend: options.backend,
@@ -91,6 +93,7 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
         if (m.type === 'log') options.log?.(m.line);
         else if (m.type === 'ready') {
           gateway.poolCapacity = m.poolCapacity;
+          gateway.backend = m.backend;
           gateway.latestStats = m.stats;
           resolve();
         } else if (m.type === 'failed') reject(errorFromWire(m.error));
@@ -182,7 +185,7 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
     if (request.signal?.aborted) return Promise.reject(new LoraGatewayError('REQUEST_CANCELLED', 'the request was cancelled'));
     const id = this.nextId++;
     const { signal, ...wire } = request;
-    return new Promise<GenerationResult>((resolve, reject) => {
+    const run = new Promise<GenerationResult>((resolve, reject) => {
       const p: Pending = { resolve, reject, onToken };
       if (signal) {
         const onAbort = () => this.send({ type: 'cancel', id });
@@ -192,6 +195,11 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
       this.pending.set(id, p);
       this.send({ type: 'submit', id, request: wire, record });
     });
+    return this.track(record, run);
+  }
+
+  protected forgetVersions(versions: AdapterRecord[]): void {
+    if (!this.failure && !this.closed) this.send({ type: 'forget', versions });
   }
 
   protected async retire(adapterId: string, versions: AdapterRecord[]): Promise<void> {

@@ -5,29 +5,18 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
+import { startServe } from '../helpers/serve-process.js';
 
 let dataDir: string | undefined;
 after(async () => dataDir && rm(dataDir, { recursive: true, force: true }));
 
 test('serve without --model creates the demo model, prints a working curl line, and answers it; --body-limit applies', async () => {
   dataDir = await mkdtemp(join(tmpdir(), 'lora-gateway-serve-'));
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--data', dataDir, '--port', '0', '--backend', 'wasm', '--body-limit', '4KiB'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  // stdout is a pipe here: startup lines come as JSON log entries (test/helpers/serve-process.ts)
+  const server = await startServe(['--data', dataDir, '--port', '0', '--backend', 'wasm', '--body-limit', '4KiB']);
   try {
-    let log = '';
-    const curl = await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`no curl line within 60 s:\n${log}`)), 60_000);
-      child.stderr.on('data', (d: Buffer) => {
-        log += d.toString();
-        const m = /try: (curl .*)\n/.exec(log);
-        if (m) {
-          clearTimeout(timer);
-          resolve(m[1]);
-        }
-      });
-      child.once('exit', (code) => reject(new Error(`serve exited with ${code}:\n${log}`)));
-    });
+    const curl = /try: (curl .*)$/.exec((await server.waitFor((e) => e.msg.startsWith('try: curl'))).msg)![1];
+    const log = server.text();
     assert.match(log, /tensor backend: wasm/);
     assert.match(log, /serving demo-model with 4 adapters/);
     // run what the printed line asks for
@@ -41,7 +30,7 @@ test('serve without --model creates the demo model, prints a working curl line, 
     const tooBig = await fetch(url, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'demo-model', prompt: 'x'.repeat(8192) }) });
     assert.equal(tooBig.status, 413);
   } finally {
-    child.kill('SIGTERM');
+    await server.stop();
   }
 });
 

@@ -64,7 +64,6 @@ export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; engin
   app,
   { engine, engineFor, metrics },
 ) => {
-  const meters = new WeakMap<FastifyRequest, RequestMeter>();
   app.addHook('onRequest', async (req) => {
     const route = METERED[req.routeOptions.url ?? ''];
     if (route) attachMeter(req, new RequestMeter(metrics, route));

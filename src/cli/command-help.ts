@@ -35,7 +35,36 @@ Usage: lora-gateway serve [options]
                                  JSON lines on stdout when it is not a terminal, one line per request
   --keep-versions N              versions of each adapter kept on disk, older ones removed once unused
                                  (default: keep all; LORA_GATEWAY_KEEP_VERSIONS)
+  --api-keys FILE                keys file from \`lora-gateway api-key create\`: Bearer keys, tenants, roles
+                                 (default: none, the server runs open; LORA_GATEWAY_API_KEYS; re-read on SIGHUP)
+  --metrics-public               serve /metrics without a key (default: an admin key is needed when keys are on)
+  --allow-unauthenticated        listen on a non-loopback --host without --api-keys (refused otherwise)
+  --lora-path-root DIR           folders POST /v1/load_lora_adapter may read (default: off; LORA_GATEWAY_LORA_PATH_ROOT)
 ${ENGINE}`,
+  'api-key': `lora-gateway api-key — make, revoke and list the keys of serve --api-keys
+
+Usage: lora-gateway api-key create --api-keys FILE --tenant T [--role admin|tenant] [--json]
+       lora-gateway api-key revoke --api-keys FILE (--id KEY_ID | --key KEY | --tenant T) [--json]
+       lora-gateway api-key list --api-keys FILE [--json]
+
+  --api-keys FILE    the keys file (created by the first create; only SHA-256 hashes are stored)
+  --tenant T         the key's tenant: 1–64 letters, digits, "_" or "-" (revoke: every key of T)
+  --role ROLE        admin (sees and manages everything) or tenant (its own adapters and jobs; default)
+  --id KEY_ID        revoke the key with this id (key_…, as list and create --json show it)
+  --key KEY          revoke this key
+  --json             create: one line {"key", "tenant", "role", "id"}; list: one JSON line per key
+A running server reads the file again on SIGHUP (kill -HUP PID).
+`,
+  'fed-client-acl': `lora-gateway fed-client-acl — a Redis ACL user that confines one fed-client to its own keys
+
+Usage: lora-gateway fed-client-acl --client-id ID [--federation-prefix P] [--json]
+
+  --client-id ID           the client's id; a tenant's clients are named TENANT.NAME
+  --federation-prefix P    the server's --federation-prefix (default lora-gateway)
+  --json                   one line {"user", "password", "rules", "command"}
+Prints an ACL SETUSER line with a fresh password: run it as a Redis admin, then start the client
+with --redis redis://USER:PASSWORD@HOST:PORT.
+`,
   generate: `lora-gateway generate — one prompt, or a JSONL batch in one heterogeneous batch
 
 Usage: lora-gateway generate --model DIR [options] (--prompt TEXT | --prompt-ids 1,2,3 | --batch FILE.jsonl)

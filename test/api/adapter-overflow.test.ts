@@ -69,7 +69,7 @@ before(async () => {
   await useWasm();
   root = await mkdtemp(join(tmpdir(), 'lora-gateway-overflow-'));
   await writeEdgeModel(join(root, 'edge-model'));
-  fx = await startGateway(2, { model: await loadLlamaModel(join(root, 'edge-model')) });
+  fx = await startGateway(2, { model: await loadLlamaModel(join(root, 'edge-model')) }, { loraPathRoot: root });
   good = await readAdapterFolder(join(fx.modelDir, 'adapters', 'demo-1'));
 });
 after(async () => {

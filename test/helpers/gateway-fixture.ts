@@ -28,6 +28,8 @@ export interface GatewayFixture {
 export interface HttpFixtureOptions extends Partial<Omit<AppOptions, 'engine' | 'metrics' | 'loraPaths'>> {
   /** Let load_lora_adapter read folders under the demo model's folder (--lora-path-root). */
   loraPathRootIsModelDir?: boolean;
+  /** Or any other folder as --lora-path-root. */
+  loraPathRoot?: string;
 }
 
 export async function startGateway(adapters = 4, over: Partial<GatewayOptions> = {}, http: HttpFixtureOptions = {}): Promise<GatewayFixture> {
@@ -47,8 +49,8 @@ export async function startGateway(adapters = 4, over: Partial<GatewayOptions> =
     ...over,
   });
   for (let i = 0; i < adapters; i++) await gateway.loadAdapterFromDir(`demo-${i}`, join(modelDir, 'adapters', `demo-${i}`));
-  const { loraPathRootIsModelDir, ...appOptions } = http;
-  const loraPaths = await LoraPathPolicy.create(loraPathRootIsModelDir ? modelDir : undefined);
+  const { loraPathRootIsModelDir, loraPathRoot, ...appOptions } = http;
+  const loraPaths = await LoraPathPolicy.create(loraPathRootIsModelDir ? modelDir : loraPathRoot);
   const app = await buildApp({ engine: gateway, metrics: new GatewayMetrics(gateway), loraPaths, ...appOptions });
   const baseUrl = await app.listen({ host: '127.0.0.1', port: 0 });
   return {

@@ -93,3 +93,63 @@ test('the gateway killed with SIGKILL mid-round and started again: the job resum
   const c = await fetch(`${gw.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'fed-crash', prompt: 'Hello', max_tokens: 2 }) });
   assert.equal(c.status, 200);
 });
+
+test('the gateway killed with SIGKILL while it writes a round\'s new version: on restart the store holds no partial version, the previous version serves, and the round publishes once', async (t) => {
+  let gw = await startGateway();
+  gateway = gw.proc;
+  const store = join(root, 'serve', 'adapters');
+  const res = await fetch(`${gw.url}/v1/federation/jobs`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({
+      target_adapter_id: 'fed-publish',
+      method: 'fedavg',
+      rounds: 2,
+      clients: ['one', 'two'],
+      round_timeout_ms: 60_000,
+      lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] },
+      local: { steps: 2, batch_size: 2, seq_len: 16 },
+    }),
+  });
+  assert.equal(res.status, 201);
+  const { id } = (await res.json()) as { id: string };
+  await eventually(async () => {
+    const j = (await (await fetch(`${gw.url}/v1/federation/jobs/${id}`)).json()) as { versions: number[] };
+    return j.versions.length === 1 ? true : undefined;
+  }, 'round 1 to publish');
+  // round 2's publish writes its version into a .tmp- folder of the store first: the moment one
+  // appears, the gateway is killed, inside the write (fsyncs, manifest, rename)
+  const { watch } = await import('node:fs');
+  let killedInWrite = false;
+  const watcher = watch(store, (_event, name) => {
+    if (!killedInWrite && typeof name === 'string' && name.startsWith('.tmp-')) {
+      killedInWrite = true;
+      gw.proc.child.kill('SIGKILL');
+    }
+  });
+  try {
+    await gw.proc.waitFor(/never printed/, 120_000).catch(() => undefined);
+  } finally {
+    watcher.close();
+  }
+  assert.ok(killedInWrite, 'the kill landed while a version was being written');
+  const left = await readdir(store);
+  t.diagnostic(`store at the kill: ${left.join(', ')}`);
+  gw = await startGateway();
+  gateway = gw.proc;
+  // at once after the restart: the latest version is a whole one and it serves
+  const listed = (await (await fetch(`${gw.url}/v1/adapters/fed-publish/versions`)).json()) as { data: { version: number; provenance: { round: number } }[] };
+  assert.ok(listed.data.length >= 1 && listed.data.length <= 2, JSON.stringify(listed));
+  listed.data.forEach((v, i) => assert.equal(v.provenance.round, i + 1, 'each listed version is its round'));
+  const c = await fetch(`${gw.url}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ model: 'fed-publish', prompt: 'Hello', max_tokens: 2 }) });
+  assert.equal(c.status, 200);
+  assert.ok(!(await readdir(store)).some((n) => n.startsWith('.tmp-')), `the interrupted write is cleaned up (left at the kill: ${left.join(', ')})`);
+  const done = await eventually(async () => {
+    const j = (await (await fetch(`${gw.url}/v1/federation/jobs/${id}`)).json()) as { state: string; versions: number[] };
+    if (j.state === 'failed') throw new Error(JSON.stringify(j));
+    return j.state === 'completed' ? j : undefined;
+  }, 'the resumed job to complete');
+  assert.deepEqual(done.versions, [1, 2]);
+  const versions = (await readdir(join(store, 'fed-publish'))).filter((v) => /^v\d+$/.test(v)).sort();
+  assert.deepEqual(versions, ['v1', 'v2'], 'round 2 published exactly once');
+});

@@ -65,6 +65,6 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
   await app.register(opsRoutes, { engine: options.engine, metrics: options.metrics, build: options.build ?? buildInfoOf(packageVersion(), resolvedBackend()) });
   await app.register(completionRoutes, { engine: options.engine, engineFor, metrics: options.metrics });
   await app.register(adapterRoutes, { engineFor, metrics: options.metrics, uploadLimitBytes: bodyLimitBytes, loraPaths: options.loraPaths ?? (await LoraPathPolicy.create(undefined)) });
-  await app.register(federationRoutes, { coordinator: options.coordinator });
+  await app.register(federationRoutes, { coordinator: options.coordinator, modelId: options.engine.modelId });
   return app;
 }

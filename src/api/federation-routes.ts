@@ -1,5 +1,5 @@
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
-import { FederationError, RequestError } from '../errors.js';
+import { AdapterError, FederationError, RequestError } from '../errors.js';
 import type { JobPrivacy, JobRecord, RoundRecord } from '../federation/job-record.js';
 import type { MechanismSteps } from '../federation/privacy/rdp-accountant.js';
 import type { RoundCoordinator } from '../federation/round-coordinator.js';
@@ -90,7 +90,7 @@ function sendBytes(reply: FastifyReply, bytes: Buffer, filename: string): Fastif
  * can recompute its aggregate. Without a coordinator (serve without --redis) every route
  * answers 503 federation_disabled.
  */
-export const federationRoutes: FastifyPluginAsync<{ coordinator: RoundCoordinator | undefined }> = async (app, { coordinator }) => {
+export const federationRoutes: FastifyPluginAsync<{ coordinator: RoundCoordinator | undefined; modelId: string }> = async (app, { coordinator, modelId }) => {
   const fed = (): RoundCoordinator => {
     if (!coordinator) {
       throw new FederationError('FEDERATION_DISABLED', 'federation is off: start the server with --redis redis://HOST:PORT (or LORA_GATEWAY_REDIS_URL) to run federated training jobs');
@@ -110,14 +110,19 @@ export const federationRoutes: FastifyPluginAsync<{ coordinator: RoundCoordinato
 
   app.post('/v1/federation/jobs', async (req, reply) => {
     if (req.body === undefined || req.body === null || typeof req.body !== 'object' || Array.isArray(req.body)) throw new RequestError('REQUEST_INVALID', 'send the job spec as a JSON object');
+    const coordinator = fed();
     const tenant = tenantOf(req);
     let body = req.body as Record<string, unknown>;
+    if (body.target_adapter_id === modelId) {
+      // refused now rather than at the first publish, after a round of everyone's training
+      throw new AdapterError('ADAPTER_ID_RESERVED', `target_adapter_id '${modelId}' is the served model's name: requests with model '${modelId}' go to the base model, so such an adapter could never be used`);
+    }
     if (tenant !== undefined && typeof body.target_adapter_id === 'string') {
       // the tenant names its adapter plainly; the job publishes to the tenant's store id
       if (body.target_adapter_id.includes(TENANT_SEPARATOR)) throw new FederationError('FED_JOB_INVALID', `job spec: target_adapter_id: '${TENANT_SEPARATOR}' is reserved`);
       body = { ...body, target_adapter_id: qualifyAdapterId(tenant, body.target_adapter_id) };
     }
-    const rec = await fed().submit(body, { tenant });
+    const rec = await coordinator.submit(body, { tenant });
     return reply.status(201).send(view(req, rec));
   });
 

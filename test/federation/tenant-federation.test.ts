@@ -141,6 +141,9 @@ test("a tenant's federated job trains on its own clients (each confined by its R
   assert.equal(foreign.json.error.code, 'fed_job_invalid');
   const qualified = await api<{ error: { code: string } }>('beta', 'POST', '/v1/federation/jobs', { ...spec(['beta.north']), target_adapter_id: 'acme~support' });
   assert.equal(qualified.status, 400);
+  const reserved = await api<{ error: { code: string } }>('beta', 'POST', '/v1/federation/jobs', { ...spec(['beta.north']), target_adapter_id: 'model' });
+  assert.equal(reserved.status, 409, "a job may not target the served model's name");
+  assert.equal(reserved.json.error.code, 'adapter_id_reserved');
 });
 
 test("a client's Redis ACL user can write only its own update keys and read only its own queue: another client's updates, queue and the job records answer NOPERM", async () => {

@@ -109,6 +109,8 @@ export function logRequest(log: FastifyBaseLogger, req: FastifyRequest, reply: F
       // a 404 of no route: the path that was asked for (the route alone would say nothing)
       ...(route === undefined ? { url: req.url.slice(0, 1024) } : {}),
       adapter: adapterOf(req),
+      // who asked (with --api-keys): the key's tenant and id, never the key
+      ...(req.principal ? { tenant: req.principal.tenant, keyId: req.principal.keyId } : {}),
       status: meter?.status ?? (aborted ? 499 : reply.statusCode),
       promptTokens: meter?.promptTokens,
       generatedTokens: meter?.generatedTokens,

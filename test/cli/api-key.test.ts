@@ -72,6 +72,8 @@ test('serve --api-keys accepts a created key, and after api-key revoke and SIGHU
   await server.waitFor((e) => /SIGHUP: API keys re-read: 2 key/.test(e.msg));
   assert.equal((await models(server.url, tenant.key)).status, 401);
   assert.equal((await models(server.url, admin.key)).status, 200);
+  const line = await server.waitFor((e) => e.msg === 'request' && e.tenant === 'beta');
+  assert.equal(line.keyId, tenant.id, "request lines name the key's tenant and id");
   const logged = JSON.stringify(server.entries);
   for (const k of [admin.key, tenant.key]) assert.ok(!logged.includes(k), 'no key is ever logged');
   await server.stop();

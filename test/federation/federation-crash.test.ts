@@ -38,24 +38,21 @@ async function startGateway(): Promise<{ proc: CliProcess; url: string }> {
   return { proc, url: m[1] };
 }
 
+/** A fedavg job over both clients; returns its id. */
+async function submitJob(url: string, target: string, rounds: number, local: Record<string, number>): Promise<string> {
+  const res = await fetch(`${url}/v1/federation/jobs`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ target_adapter_id: target, method: 'fedavg', rounds, clients: ['one', 'two'], round_timeout_ms: 60_000, lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] }, local }),
+  });
+  assert.equal(res.status, 201);
+  return ((await res.json()) as { id: string }).id;
+}
+
 test('the gateway killed with SIGKILL mid-round and started again: the job resumes and each round publishes exactly once', async () => {
   let gw = await startGateway();
   gateway = gw.proc;
-  const res = await fetch(`${gw.url}/v1/federation/jobs`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({
-      target_adapter_id: 'fed-crash',
-      method: 'fedavg',
-      rounds: 3,
-      clients: ['one', 'two'],
-      round_timeout_ms: 60_000,
-      lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] },
-      local: { epochs: 1, batch_size: 2, seq_len: 16 },
-    }),
-  });
-  assert.equal(res.status, 201);
-  const { id } = (await res.json()) as { id: string };
+  const id = await submitJob(gw.url, 'fed-crash', 3, { epochs: 1, batch_size: 2, seq_len: 16 });
   // kill it while round 2 trains: round 1 is published, round 2 is in flight
   await eventually(async () => {
     const j = (await (await fetch(`${gw.url}/v1/federation/jobs/${id}`)).json()) as { current_round: { round: number; clients: { status: string }[] } | null };
@@ -98,21 +95,7 @@ test('the gateway killed with SIGKILL while it writes a round\'s new version: on
   let gw = await startGateway();
   gateway = gw.proc;
   const store = join(root, 'serve', 'adapters');
-  const res = await fetch(`${gw.url}/v1/federation/jobs`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({
-      target_adapter_id: 'fed-publish',
-      method: 'fedavg',
-      rounds: 2,
-      clients: ['one', 'two'],
-      round_timeout_ms: 60_000,
-      lora: { r: 4, alpha: 8, target_modules: ['q_proj', 'v_proj'] },
-      local: { steps: 2, batch_size: 2, seq_len: 16 },
-    }),
-  });
-  assert.equal(res.status, 201);
-  const { id } = (await res.json()) as { id: string };
+  const id = await submitJob(gw.url, 'fed-publish', 2, { steps: 2, batch_size: 2, seq_len: 16 });
   await eventually(async () => {
     const j = (await (await fetch(`${gw.url}/v1/federation/jobs/${id}`)).json()) as { versions: number[] };
     return j.versions.length === 1 ? true : undefined;

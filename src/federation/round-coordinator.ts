@@ -10,7 +10,8 @@ import type { FederationObserver } from './federation-observer.js';
 import { FederationKeys, roundJobId, trainJobId } from './federation-keys.js';
 import { JobStore, type JobRecord, type RoundRecord } from './job-record.js';
 import { parseJobSpec, type JobSpec } from './job-spec.js';
-import { clientEpsilonAfter, clientRoundSteps, epsilonAfterRound, planPrivacy, roundSampleRate } from './privacy/privacy-plan.js';
+import { planPrivacy } from './privacy/privacy-plan.js';
+import { applyRoundBudget } from './privacy/round-budget.js';
 import { RoundAggregator } from './round-aggregator.js';
 import { roundTasks } from './train-task.js';
 import { collectUpdates, liveClientStatus } from './update-collector.js';
@@ -263,44 +264,15 @@ export class RoundCoordinator {
         deadlineAt: now + rec.spec.round_timeout_ms,
         clients: selectClients(rec.spec, live, this.opts.fingerprint, round, attempt),
       };
-      if (rec.privacy?.level === 'sample' && current.kind === 'train' && rec.privacy.target_epsilon !== undefined) {
-        // clients whose next round of DP-SGD would cross the budget are left out (a client not
-        // seen yet checks itself, knowing its n); with nobody left the job stops here
-        const target = rec.privacy.target_epsilon;
-        for (const c of current.clients) {
-          const known = rec.privacy.clients?.[c.client];
-          if (c.status === 'dropped' || !known) continue;
-          const { sampleRate, steps } = clientRoundSteps(rec.spec, known.examples);
-          const after = clientEpsilonAfter(rec.privacy, c.client, sampleRate, steps);
-          if (after.epsilon > target) Object.assign(c, { status: 'dropped', reason: `privacy_budget_exhausted: ε would reach ${after.epsilon.toPrecision(6)} > ${target}` });
-        }
-        if (current.clients.every((c) => c.status === 'dropped')) {
-          rec.state = 'stopped';
-          rec.stopReason = { code: 'privacy_budget_exhausted', message: `round ${round}: every selected client's next round of DP-SGD would pass target_epsilon ${target} (δ = ${rec.privacy.delta})` };
-          await this.jobs.save(rec);
-          await this.stopSchedule(rec);
-          this.log(`federation job ${id}: stopped, ${rec.stopReason.message}`);
-          return;
-        }
-      }
-      if (rec.privacy?.level === 'client' && current.kind === 'train') {
-        const q = roundSampleRate(rec.spec, this.compatibleCount(live));
-        const target = rec.privacy.target_epsilon;
-        const after = epsilonAfterRound(rec.privacy, q);
-        if (target !== undefined && after.epsilon > target) {
-          // stop before the round that would cross the budget: nothing of it is trained or released
-          rec.state = 'stopped';
-          rec.stopReason = {
-            code: 'privacy_budget_exhausted',
-            message: `round ${round} at sample rate ${q.toPrecision(6)} would bring ε from ${rec.privacy.epsilon.toPrecision(6)} to ${after.epsilon.toPrecision(6)}, past target_epsilon ${target} (δ = ${rec.privacy.delta})`,
-          };
-          await this.jobs.save(rec);
-          await this.stopSchedule(rec);
-          this.log(`federation job ${id}: stopped, ${rec.stopReason.message}`);
-          return;
-        }
-        current.sampleRate = q;
-        current.dpDenominator = rec.spec.clients ? rec.spec.clients.length : Math.max(1, current.clients.filter((c) => c.status !== 'dropped').length);
+      const stop = applyRoundBudget(rec, current, this.compatibleCount(live));
+      if (stop) {
+        // stop before the round that would cross the budget: nothing of it is trained or released
+        rec.state = 'stopped';
+        rec.stopReason = stop;
+        await this.jobs.save(rec);
+        await this.stopSchedule(rec);
+        this.log(`federation job ${id}: stopped, ${stop.message}`);
+        return;
       }
       await this.aggregator.ensureGlobal(rec, round);
       rec.current = current;

@@ -5,7 +5,7 @@ import type { ScoredToken } from '../serving/batch-generator.js';
 import { MAX_LOGPROBS } from '../serving/sampler.js';
 import type { CompletionRequest, ServingEngine } from '../serving/serving-engine.js';
 import { registerChatRoutes } from './chat-routes.js';
-import { runGeneration } from './generation-run.js';
+import { runGeneration, type GenerationGuards } from './generation-run.js';
 import type { GatewayMetrics } from './metrics.js';
 import {
   DEFAULT_COMPLETION_MAX_TOKENS,
@@ -57,7 +57,7 @@ const METERED: Record<string, InferenceRoute> = {
  * adapter at /v1/adapters/:id/completions, /v1/chat/completions (chat-routes.ts) and
  * /v1/models. `model` names an adapter, or the base model by the engine's model id.
  */
-export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics }> = async (app, { engine, metrics }) => {
+export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; metrics: GatewayMetrics; guards?: GenerationGuards }> = async (app, { engine, metrics, guards }) => {
   const meters = new WeakMap<FastifyRequest, RequestMeter>();
   app.addHook('onRequest', async (req) => {
     const route = METERED[req.routeOptions.url ?? ''];
@@ -90,19 +90,19 @@ export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; metri
   });
 
   app.post<{ Body: CompletionBody }>('/v1/completions', { schema: { body: completionBodySchema(true) } }, async (req, reply) =>
-    complete(engine, req.body, req.body.model!, req, reply, meterOf(req, 'completions')),
+    complete(engine, req.body, req.body.model!, req, reply, meterOf(req, 'completions'), guards),
   );
 
   app.post<{ Body: CompletionBody; Params: { id: string } }>(
     '/v1/adapters/:id/completions',
     { schema: { params: idParam, body: completionBodySchema(false) } },
-    async (req, reply) => complete(engine, req.body, req.params.id, req, reply, meterOf(req, 'completions')),
+    async (req, reply) => complete(engine, req.body, req.params.id, req, reply, meterOf(req, 'completions'), guards),
   );
 
-  registerChatRoutes(app, { engine, meterOf });
+  registerChatRoutes(app, { engine, meterOf, guards });
 };
 
-async function complete(engine: ServingEngine, body: CompletionBody, model: string, req: FastifyRequest, reply: FastifyReply, meter: RequestMeter) {
+async function complete(engine: ServingEngine, body: CompletionBody, model: string, req: FastifyRequest, reply: FastifyReply, meter: RequestMeter, guards?: GenerationGuards) {
   rejectUnsupported(body);
   const adapterId = resolveAdapterId(engine, model);
   const prompt = promptOf(engine, body.prompt);
@@ -145,6 +145,7 @@ async function complete(engine: ServingEngine, body: CompletionBody, model: stri
         stop,
         meter,
         response: reply.raw,
+        guards,
         onDelta: (text, tokens) => {
           sendEcho();
           if (text === '' && logprobs === undefined) return;
@@ -157,7 +158,7 @@ async function complete(engine: ServingEngine, body: CompletionBody, model: stri
     });
   }
 
-  const outcome = await runGeneration(engine, { request, stop, meter, response: reply.raw });
+  const outcome = await runGeneration(engine, { request, stop, meter, response: reply.raw, guards });
   let lp: LegacyLogprobs | null = null;
   if (logprobs !== undefined) {
     const promptEntries = echo ? outcome.promptIds.map((tokenId, i) => ({ tokenId, scored: outcome.promptLogprobs?.[i] ?? null })) : [];

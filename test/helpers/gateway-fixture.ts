@@ -2,7 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { buildApp } from '../../src/api/app.js';
+import { buildApp, type AppOptions } from '../../src/api/app.js';
 import { GatewayMetrics } from '../../src/api/metrics.js';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
 import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
@@ -24,7 +24,7 @@ export interface GatewayFixture {
  * A real gateway over a real socket: the demo model (real HF files) with `adapters` PEFT
  * adapters registered as demo-0 … demo-N-1, served by Fastify on an ephemeral loopback port.
  */
-export async function startGateway(adapters = 4, over: Partial<GatewayOptions> = {}, http: { bodyLimitBytes?: number } = {}): Promise<GatewayFixture> {
+export async function startGateway(adapters = 4, over: Partial<GatewayOptions> = {}, http: Omit<AppOptions, 'engine' | 'metrics'> = {}): Promise<GatewayFixture> {
   await useWasm();
   const root = await mkdtemp(join(tmpdir(), 'lora-gateway-http-'));
   const modelDir = join(root, 'model');

@@ -49,7 +49,7 @@ export async function buildApp(options: AppOptions): Promise<FastifyInstance> {
     logger: options.logger ?? false,
     bodyLimit: bodyLimitBytes,
     // adapter ids are up to 128 characters; a longer path parameter is 414 url_too_long
-    maxParamLength: 256,
+    routerOptions: { maxParamLength: 256 },
     requestTimeout: t.requestTimeoutMs,
     keepAliveTimeout: t.keepAliveTimeoutMs,
     http: { headersTimeout: t.headerTimeoutMs, connectionsCheckingInterval: checkEveryMs },

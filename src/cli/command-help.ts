@@ -31,6 +31,10 @@ Usage: lora-gateway serve [options]
   --redis URL                    Redis for federated training jobs (default off; LORA_GATEWAY_REDIS_URL)
   --federation-prefix P          prefix of every federation key and queue (default lora-gateway)
   --federation-keep-updates on|off   keep accepted updates for the audit route (default on)
+  --header-timeout DURATION      time a connection has to send its request headers (default 10s; 0 = none)
+  --request-timeout DURATION     time to receive a whole request, body included; responses are not limited (default 300s)
+  --keep-alive-timeout DURATION  an idle keep-alive connection is closed after this (default 72s)
+  --shutdown-grace DURATION      on SIGTERM / SIGINT, running requests get this long before they are cancelled (default 30s)
 ${ENGINE}`,
   generate: `lora-gateway generate — one prompt, or a JSONL batch in one heterogeneous batch
 

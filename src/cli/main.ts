@@ -4,7 +4,7 @@ import { readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { engineConfigFrom, parseBytes, parseServeConfig, type EngineConfig } from '../config.js';
+import { engineConfigFrom, parseBytes, parseDuration, parseServeConfig, type EngineConfig } from '../config.js';
 import { LoraGatewayError } from '../errors.js';
 import { resolveBackend } from '../model/backend/backend.js';
 import type { LlamaModel } from '../model/forward/llama-model.js';
@@ -30,6 +30,7 @@ Usage:
                      [--data DIR] [--device-memory 256MiB] [--host-memory 1GiB] [--max-running-seqs N]
                      [--max-batch-tokens N] [--max-adapters-per-batch N] [--max-waiting N] [--body-limit 256MiB]
                      [--engine-thread on|off] [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
+                     [--header-timeout 10s] [--request-timeout 300s] [--keep-alive-timeout 72s] [--shutdown-grace 30s]
       without --model: serves the demo model (created once under --data, default ./data)
       with --redis: also runs federated training jobs (POST /v1/federation/jobs)
   lora-gateway privacy-epsilon --sample-rate Q (--noise-multiplier S | --target-epsilon E) --steps N --delta D [--json]
@@ -79,6 +80,10 @@ const OPTIONS = {
   'federation-prefix': { type: 'string' },
   'federation-keep-updates': { type: 'string' },
   'engine-thread': { type: 'string' },
+  'header-timeout': { type: 'string' },
+  'request-timeout': { type: 'string' },
+  'keep-alive-timeout': { type: 'string' },
+  'shutdown-grace': { type: 'string' },
   'client-id': { type: 'string' },
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
@@ -265,12 +270,22 @@ export async function main(argv: string[]): Promise<number> {
         redisUrl: flags.redis ?? env.LORA_GATEWAY_REDIS_URL,
         federationPrefix: flags['federation-prefix'] ?? env.LORA_GATEWAY_FEDERATION_PREFIX,
         federationKeepUpdates: onOff(flags['federation-keep-updates'], 'federation-keep-updates'),
+        headerTimeoutMs: parseDuration(flags['header-timeout'], 'header-timeout'),
+        requestTimeoutMs: parseDuration(flags['request-timeout'], 'request-timeout'),
+        keepAliveTimeoutMs: parseDuration(flags['keep-alive-timeout'], 'keep-alive-timeout'),
+        shutdownGraceMs: parseDuration(flags['shutdown-grace'], 'shutdown-grace'),
       });
       const server = await serve({ modelDir: flags.model, engine: config, serve: serveConfig, log: logToStderr });
-      await new Promise<void>((done) => {
-        const stop = () => void server.close().then(done);
-        process.once('SIGINT', stop);
-        process.once('SIGTERM', stop);
+      await new Promise<void>((done, fail) => {
+        let stopping = false;
+        const stop = (signal: NodeJS.Signals) => {
+          if (stopping) return logToStderr(`${signal}: already shutting down (within --shutdown-grace ${serveConfig.shutdownGraceMs} ms)`);
+          stopping = true;
+          logToStderr(`${signal}: draining; running requests have ${serveConfig.shutdownGraceMs} ms to finish`);
+          server.close().then(done, fail);
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
       });
     }
     else {

@@ -80,6 +80,10 @@ async function oneRequest(baseUrl: string): Promise<Outcome> {
         if (done) break;
         if (Number.isNaN(ttftMs) && new TextDecoder().decode(value).includes('"text"')) ttftMs = performance.now() - t0;
       }
+    } else if (res.status >= 500) {
+      // say which: the table lists the codes of every 5xx
+      const code = ((await res.json().catch(() => ({}))) as { error?: { code?: string } }).error?.code;
+      return { status: res.status, error: `${res.status} ${code ?? '?'}`, ttfbMs, ttftMs: NaN, e2eMs: NaN };
     } else await res.arrayBuffer();
     const e2eMs = performance.now() - t0;
     return { status: res.status, ttfbMs, ttftMs: Number.isNaN(ttftMs) ? e2eMs : ttftMs, e2eMs };
@@ -183,7 +187,7 @@ function report(r: { capacity: number; rate: number; concurrency: number; all: O
     ['offered (open loop, Poisson)', `${r.rate.toFixed(1)} req/s, ${r.all.length} requests in ${DURATION_MS / 1000} s`],
     ['admitted (200)', `${ok.length} (${((100 * ok.length) / r.all.length).toFixed(1)} %)`],
     ['shed (429)', `${shed.length} (${((100 * shed.length) / r.all.length).toFixed(1)} %)`],
-    ['5xx / other statuses', `${fiveXx.length} / ${other}`],
+    ['5xx / other statuses', `${fiveXx.length}${fiveXx.length ? ` (${[...new Set(fiveXx.map((o) => o.error))].join(', ')})` : ''} / ${other}`],
     ['connection errors', `${connErrors.length}${connErrors.length ? ` (${[...new Set(connErrors.map((o) => o.error))].join(', ')})` : ''}`],
     ['admitted TTFT p50 / p99 (ms)', `${f(pct(ok.map((o) => o.ttftMs), 50))} / ${f(pct(ok.map((o) => o.ttftMs), 99))}`],
     ['admitted e2e p50 / p99 (ms)', `${f(pct(ok.map((o) => o.e2eMs), 50))} / ${f(pct(ok.map((o) => o.e2eMs), 99))}`],

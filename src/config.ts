@@ -79,6 +79,14 @@ const serveConfigSchema = z
     maxWaiting: z.number().int().positive().default(256),
     /** Request bodies (uploads included) above this get HTTP 413. @defaultValue 256 MiB */
     bodyLimitBytes: z.number().int().positive().default(256 * 1024 * 1024),
+    /** Time a connection has to send its request headers (a client that sends nothing is cut too). @defaultValue 10 s */
+    headerTimeoutMs: z.number().int().min(0).default(10_000),
+    /** Time to receive a whole request, body included; responses (long streams) are not limited. @defaultValue 300 s */
+    requestTimeoutMs: z.number().int().min(0).default(300_000),
+    /** An idle keep-alive connection is closed after this (above common load balancers' 60 s). @defaultValue 72 s */
+    keepAliveTimeoutMs: z.number().int().min(0).default(72_000),
+    /** On SIGTERM / SIGINT, running requests get this long to finish before they are cancelled. @defaultValue 30 s */
+    shutdownGraceMs: z.number().int().min(0).default(30_000),
     /** Redis for federation (BullMQ); absent: federation routes answer 503 federation_disabled. */
     redisUrl: z.string().url().optional(),
     /** Prefix of federation's Redis keys and BullMQ queues. @defaultValue 'lora-gateway' */
@@ -102,7 +110,9 @@ const serveConfigSchema = z
      */
     keepVersions: z.number().int().positive().max(1_000_000).optional(),
   })
-  .strict();
+  .strict()
+  // Node refuses a header timeout longer than the request timeout it is part of
+  .refine((c) => c.requestTimeoutMs === 0 || c.headerTimeoutMs <= c.requestTimeoutMs, { message: 'header timeout must not exceed the request timeout', path: ['headerTimeoutMs'] });
 
 export type ServeConfig = Readonly<z.infer<typeof serveConfigSchema>>;
 
@@ -118,4 +128,13 @@ export function parseBytes(v: string | undefined, name: string): number | undefi
   const unit = (m[2] ?? 'b').toLowerCase();
   const mult: Record<string, number> = { b: 1, kib: 1024, mib: 1024 ** 2, gib: 1024 ** 3, kb: 1e3, mb: 1e6, gb: 1e9 };
   return Math.floor(Number(m[1]) * mult[unit]);
+}
+
+/** Parses durations like 10s, 500ms, 2m or plain milliseconds. */
+export function parseDuration(v: string | undefined, name: string): number | undefined {
+  if (v === undefined) return undefined;
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/i.exec(v.trim());
+  if (!m) throw new ConfigError('CONFIG_INVALID', `--${name} must be a duration like 10s, 500ms or 2m, got '${v}'`);
+  const mult: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+  return Math.round(Number(m[1]) * mult[(m[2] ?? 'ms').toLowerCase()]);
 }

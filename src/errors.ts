@@ -39,7 +39,6 @@ export type ErrorCode =
   | 'UNSUPPORTED_PARAMETER'
   // requests and configuration
   | 'REQUEST_INVALID'
-  | 'REQUEST_TOO_LARGE'
   | 'REQUEST_CANCELLED'
   | 'QUEUE_FULL'
   | 'CONTEXT_LENGTH_EXCEEDED'
@@ -55,6 +54,20 @@ export type ErrorCode =
   | 'PERMISSION_DENIED'
   | 'LORA_PATH_FORBIDDEN'
   | 'UNAUTHENTICATED_LISTEN_REFUSED'
+  // HTTP transport and server lifecycle (src/api): Fastify's and Node's own errors get these
+  | 'JSON_INVALID'
+  | 'MEDIA_TYPE_UNSUPPORTED'
+  | 'BODY_TOO_LARGE'
+  | 'URL_TOO_LONG'
+  | 'URL_INVALID'
+  | 'ROUTE_NOT_FOUND'
+  | 'METHOD_NOT_ALLOWED'
+  | 'REQUEST_TIMEOUT'
+  | 'HEADERS_TOO_LARGE'
+  | 'REQUEST_MALFORMED'
+  | 'SERVER_SHUTTING_DOWN'
+  | 'CLIENT_TOO_SLOW'
+  | 'INTERNAL_ERROR'
   // federation (src/federation)
   | 'FEDERATION_DISABLED'
   | 'FED_JOB_INVALID'

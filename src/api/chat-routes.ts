@@ -5,7 +5,7 @@ import type { ScoredToken } from '../serving/batch-generator.js';
 import { MAX_LOGPROBS } from '../serving/sampler.js';
 import type { CompletionRequest, ServingEngine } from '../serving/serving-engine.js';
 import { chatMessagesOf, renderChatPrompt, type ChatMessage } from './chat-template.js';
-import { runGeneration } from './generation-run.js';
+import { runGeneration, type GenerationGuards } from './generation-run.js';
 import { rejectUnsupported, resolveAdapterId, responseId, samplingOf, samplingProperties, stopStringsOf, tokenText, unixSeconds, usageOf, type SamplingBody } from './openai-params.js';
 import type { InferenceRoute, RequestMeter } from './request-meter.js';
 import { SseStream, streamResponse } from './sse.js';
@@ -51,13 +51,14 @@ export interface ChatRouteDeps {
   /** The engine as the request's principal sees it. */
   engineFor: (req: FastifyRequest) => ServingEngine;
   meterOf: (req: FastifyRequest, route: InferenceRoute) => RequestMeter;
+  guards?: GenerationGuards;
 }
 
 /**
  * /v1/chat/completions: the messages are rendered with the model's chat template and then
  * generated like a completion, with the same sampling, stop strings and streaming.
  */
-export function registerChatRoutes(app: FastifyInstance, { engineFor, meterOf }: ChatRouteDeps): void {
+export function registerChatRoutes(app: FastifyInstance, { engineFor, meterOf, guards }: ChatRouteDeps): void {
   app.post<{ Body: ChatBody }>('/v1/chat/completions', { schema: { body: chatBodySchema } }, async (req, reply) => {
     const engine = engineFor(req);
     const body = req.body;
@@ -105,6 +106,7 @@ export function registerChatRoutes(app: FastifyInstance, { engineFor, meterOf }:
           stop,
           meter,
           response: reply.raw,
+          guards,
           onDelta: (text, tokens) => {
             for (const c of roleChunks()) sse.send(c);
             if (text !== '' || wantLogprobs) sse.send(chunk({ content: text }, logprobsOf(tokens), null));
@@ -115,7 +117,7 @@ export function registerChatRoutes(app: FastifyInstance, { engineFor, meterOf }:
       });
     }
 
-    const outcome = await runGeneration(engine, { request, stop, meter, response: reply.raw });
+    const outcome = await runGeneration(engine, { request, stop, meter, response: reply.raw, guards });
     return {
       ...head('chat.completion'),
       choices: [{ index: 0, message: { role: 'assistant', content: outcome.text }, logprobs: logprobsOf(outcome.tokens), finish_reason: outcome.finishReason }],

@@ -5,7 +5,7 @@ import type { ScoredToken } from '../serving/batch-generator.js';
 import { MAX_LOGPROBS } from '../serving/sampler.js';
 import type { CompletionRequest, ServingEngine } from '../serving/serving-engine.js';
 import { registerChatRoutes } from './chat-routes.js';
-import { runGeneration } from './generation-run.js';
+import { runGeneration, type GenerationGuards } from './generation-run.js';
 import type { GatewayMetrics } from './metrics.js';
 import {
   DEFAULT_COMPLETION_MAX_TOKENS,
@@ -60,9 +60,9 @@ export const METERED: Record<string, InferenceRoute> = {
  * adapter at /v1/adapters/:id/completions, /v1/chat/completions (chat-routes.ts) and
  * /v1/models. `model` names an adapter, or the base model by the engine's model id.
  */
-export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; engineFor: (req: FastifyRequest) => ServingEngine; metrics: GatewayMetrics }> = async (
+export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; engineFor: (req: FastifyRequest) => ServingEngine; metrics: GatewayMetrics; guards?: GenerationGuards }> = async (
   app,
-  { engine, engineFor, metrics },
+  { engine, engineFor, metrics, guards },
 ) => {
   app.addHook('onRequest', async (req) => {
     const route = METERED[req.routeOptions.url ?? ''];
@@ -95,19 +95,19 @@ export const completionRoutes: FastifyPluginAsync<{ engine: ServingEngine; engin
   });
 
   app.post<{ Body: CompletionBody }>('/v1/completions', { schema: { body: completionBodySchema(true) } }, async (req, reply) =>
-    complete(engineFor(req), req.body, req.body.model!, req, reply, meterOf(req, 'completions')),
+    complete(engineFor(req), req.body, req.body.model!, req, reply, meterOf(req, 'completions'), guards),
   );
 
   app.post<{ Body: CompletionBody; Params: { id: string } }>(
     '/v1/adapters/:id/completions',
     { schema: { params: idParam, body: completionBodySchema(false) } },
-    async (req, reply) => complete(engineFor(req), req.body, req.params.id, req, reply, meterOf(req, 'completions')),
+    async (req, reply) => complete(engineFor(req), req.body, req.params.id, req, reply, meterOf(req, 'completions'), guards),
   );
 
-  registerChatRoutes(app, { engineFor, meterOf });
+  registerChatRoutes(app, { engineFor, meterOf, guards });
 };
 
-async function complete(engine: ServingEngine, body: CompletionBody, model: string, req: FastifyRequest, reply: FastifyReply, meter: RequestMeter) {
+async function complete(engine: ServingEngine, body: CompletionBody, model: string, req: FastifyRequest, reply: FastifyReply, meter: RequestMeter, guards?: GenerationGuards) {
   rejectUnsupported(body);
   const adapterId = resolveAdapterId(engine, model);
   const prompt = promptOf(engine, body.prompt);
@@ -150,6 +150,7 @@ async function complete(engine: ServingEngine, body: CompletionBody, model: stri
         stop,
         meter,
         response: reply.raw,
+        guards,
         onDelta: (text, tokens) => {
           sendEcho();
           if (text === '' && logprobs === undefined) return;
@@ -162,7 +163,7 @@ async function complete(engine: ServingEngine, body: CompletionBody, model: stri
     });
   }
 
-  const outcome = await runGeneration(engine, { request, stop, meter, response: reply.raw });
+  const outcome = await runGeneration(engine, { request, stop, meter, response: reply.raw, guards });
   let lp: LegacyLogprobs | null = null;
   if (logprobs !== undefined) {
     const promptEntries = echo ? outcome.promptIds.map((tokenId, i) => ({ tokenId, scored: outcome.promptLogprobs?.[i] ?? null })) : [];

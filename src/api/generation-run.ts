@@ -3,6 +3,21 @@ import { LoraGatewayError } from '../errors.js';
 import type { ScoredToken } from '../serving/batch-generator.js';
 import type { CompletionRequest, ServingEngine, TokenEvent } from '../serving/serving-engine.js';
 import type { RequestMeter } from './request-meter.js';
+import type { ServerLifecycle } from './server-lifecycle.js';
+
+/** Unsent bytes a stream's socket may hold past the kernel's buffers before it is cut (CLIENT_TOO_SLOW). */
+export const DEFAULT_STREAM_BUFFER_BYTES = 64 * 1024;
+
+/** Server-wide bounds that every generation runs under. */
+export interface GenerationGuards {
+  /** Counts running generations; its cancelSignal aborts them when the shutdown grace ends. */
+  lifecycle: ServerLifecycle;
+  /**
+   * A stream whose response holds more unsent bytes than this (its client stopped reading) is
+   * cancelled, so a reader that never reads costs this much memory, not its whole output.
+   */
+  maxBufferedBytes: number;
+}
 
 /**
  * Generated text cut at the first stop string. While streaming it holds back the last
@@ -71,6 +86,7 @@ export interface GenerationJob {
   response: ServerResponse;
   /** Streaming: each piece of final text with the tokens sampled since the previous piece. */
   onDelta?: (text: string, tokens: ScoredToken[]) => void;
+  guards?: GenerationGuards;
 }
 
 export interface GenerationOutcome {
@@ -87,16 +103,27 @@ export interface GenerationOutcome {
 /**
  * Runs one request on the engine: detokenizes as tokens arrive (the StreamDecoder never
  * yields half a UTF-8 character), applies stop strings by cancelling the engine request so
- * its KV pages are freed at the next step, cancels it too when the client disconnects, and
- * feeds the latency and token metrics.
+ * its KV pages are freed at the next step, cancels it too when the client disconnects, stops
+ * reading, or the shutdown grace ends (then it rejects with that reason: CLIENT_TOO_SLOW,
+ * SERVER_SHUTTING_DOWN), and feeds the latency and token metrics.
  */
-export async function runGeneration(engine: ServingEngine, job: GenerationJob): Promise<GenerationOutcome> {
+export function runGeneration(engine: ServingEngine, job: GenerationJob): Promise<GenerationOutcome> {
+  const run = generate(engine, job);
+  return job.guards ? job.guards.lifecycle.track(run) : run;
+}
+
+async function generate(engine: ServingEngine, job: GenerationJob): Promise<GenerationOutcome> {
   const controller = new AbortController();
   const clientGone = () => {
     if (!job.response.writableFinished) controller.abort();
   };
   job.response.on('close', clientGone);
   if (job.response.destroyed) controller.abort();
+  const shutdown = job.guards?.lifecycle.cancelSignal;
+  const onShutdown = () => controller.abort(shutdown?.reason);
+  shutdown?.addEventListener('abort', onShutdown, { once: true });
+  if (shutdown?.aborted) onShutdown();
+  const maxBuffered = job.guards?.maxBufferedBytes ?? Infinity;
 
   const decoder = engine.tokenizer?.createStreamDecoder();
   const stops = new StopMatcher(job.stop);
@@ -119,6 +146,11 @@ export async function runGeneration(engine: ServingEngine, job: GenerationJob): 
       if (piece !== '' && job.onDelta) {
         job.onDelta(piece, pending);
         pending = [];
+        // the engine has no pause: a stream whose reader fell behind is cancelled, its bytes bounded
+        if (job.response.writableLength > maxBuffered && !controller.signal.aborted) {
+          const held = job.response.writableLength;
+          controller.abort(new LoraGatewayError('CLIENT_TOO_SLOW', `the client stopped reading its stream: ${held} bytes unsent, over the ${maxBuffered}-byte bound`));
+        }
       }
     } catch (err) {
       callbackError = err;
@@ -137,12 +169,16 @@ export async function runGeneration(engine: ServingEngine, job: GenerationJob): 
     const cancelled = err instanceof LoraGatewayError && err.code === 'REQUEST_CANCELLED';
     if (!(cancelled && stops.matched)) {
       job.meter.generated(job.request.promptIds.length, tokens.length, false);
+      // cut by the server (shutdown, a stalled reader): that reason, counted where it is answered
+      const reason: unknown = controller.signal.reason;
+      if (cancelled && reason instanceof LoraGatewayError) throw reason;
       if (cancelled) job.meter.count(499);
       throw err;
     }
     finishReason = 'stop';
   } finally {
     job.response.off('close', clientGone);
+    shutdown?.removeEventListener('abort', onShutdown);
   }
   if (callbackError !== undefined) throw callbackError;
 

@@ -51,6 +51,7 @@ export class GatewayMetrics {
       if (info.ms.decode > 0) this.stepSeconds.observe({ phase: 'decode' }, info.ms.decode / 1000);
     });
     new Gauge({ name: 'lora_gateway_running_sequences', help: 'Sequences decoding now', registers: r, collect() { this.set(engine.stats().running); } });
+    new Gauge({ name: 'lora_gateway_engine_tensors', help: 'Live tensors on the engine thread (flat under steady load unless something leaks)', registers: r, collect() { this.set(engine.stats().tensors ?? 0); } });
     new Gauge({ name: 'lora_gateway_waiting_sequences', help: 'Requests waiting for admission', registers: r, collect() { this.set(engine.stats().waiting); } });
     new Gauge({
       name: 'lora_gateway_pool_pages',

@@ -38,6 +38,11 @@ export class SseStream {
     if (!raw.destroyed && !raw.writableEnded) raw.write(`data: ${JSON.stringify(data)}\n\n`);
   }
 
+  /** Drops the connection and whatever it still holds unsent (a client that stopped reading). */
+  destroy(): void {
+    this.reply.raw.destroy();
+  }
+
   /** Sends [DONE] and ends the response (only once started: before that the reply is Fastify's). */
   end(): void {
     const raw = this.reply.raw;
@@ -63,7 +68,13 @@ export async function streamResponse(sse: SseStream, meter: RequestMeter, log: F
     const status = known ? statusOf(err) : 500;
     if (!known) log.error(err);
     meter.count(status);
-    sse.send(known ? errorBody(err.code, err.message) : errorBody('internal_error', 'internal server error', 'server_error'));
+    if (known && err.code === 'CLIENT_TOO_SLOW') {
+      // an error event would only queue behind the bytes it does not read
+      log.warn(`stream cancelled: ${err.message}`);
+      sse.destroy();
+      return;
+    }
+    sse.send(known ? errorBody(err.code, err.message) : errorBody('INTERNAL_ERROR', 'internal server error'));
   }
   sse.end();
 }

@@ -40,6 +40,10 @@ Usage: lora-gateway serve [options]
   --metrics-public               serve /metrics without a key (default: an admin key is needed when keys are on)
   --allow-unauthenticated        listen on a non-loopback --host without --api-keys (refused otherwise)
   --lora-path-root DIR           folders POST /v1/load_lora_adapter may read (default: off; LORA_GATEWAY_LORA_PATH_ROOT)
+  --header-timeout DURATION      time a connection has to send its request headers (default 10s; 0 = none)
+  --request-timeout DURATION     time to receive a whole request, body included; responses are not limited (default 300s)
+  --keep-alive-timeout DURATION  an idle keep-alive connection is closed after this (default 72s)
+  --shutdown-grace DURATION      on SIGTERM / SIGINT, running requests get this long before they are cancelled (default 30s)
 ${ENGINE}`,
   'api-key': `lora-gateway api-key — make, revoke and list the keys of serve --api-keys
 

@@ -4,7 +4,7 @@ import { readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { engineConfigFrom, parseBytes, parseServeConfig, type EngineConfig } from '../config.js';
+import { engineConfigFrom, parseBytes, parseDuration, parseServeConfig, type EngineConfig } from '../config.js';
 import { LoraGatewayError } from '../errors.js';
 import { packageVersion } from '../package-version.js';
 import { resolveBackend } from '../model/backend/backend.js';
@@ -35,6 +35,7 @@ Usage:
                      [--engine-thread on|off] [--redis URL] [--federation-prefix P] [--federation-keep-updates on|off]
                      [--api-keys FILE] [--metrics-public] [--allow-unauthenticated] [--lora-path-root DIR]
                      [--log-level info] [--keep-versions N]
+                     [--header-timeout 10s] [--request-timeout 300s] [--keep-alive-timeout 72s] [--shutdown-grace 30s]
       without --model: serves the demo model (created once under --data, default ./data)
       with --redis: also runs federated training jobs (POST /v1/federation/jobs)
   lora-gateway api-key create --api-keys FILE --tenant T [--role admin|tenant] [--json]
@@ -92,6 +93,10 @@ const OPTIONS = {
   'engine-thread': { type: 'string' },
   'log-level': { type: 'string' },
   'keep-versions': { type: 'string' },
+  'header-timeout': { type: 'string' },
+  'request-timeout': { type: 'string' },
+  'keep-alive-timeout': { type: 'string' },
+  'shutdown-grace': { type: 'string' },
   'client-id': { type: 'string' },
   backend: { type: 'string' },
   'max-lora-rank': { type: 'string' },
@@ -301,12 +306,22 @@ export async function main(argv: string[]): Promise<number> {
         loraPathRoot: flags['lora-path-root'] ?? env.LORA_GATEWAY_LORA_PATH_ROOT,
         logLevel: flags['log-level'] ?? env.LORA_GATEWAY_LOG_LEVEL,
         keepVersions: num(flags['keep-versions'] ?? env.LORA_GATEWAY_KEEP_VERSIONS, 'keep-versions'),
+        headerTimeoutMs: parseDuration(flags['header-timeout'], 'header-timeout'),
+        requestTimeoutMs: parseDuration(flags['request-timeout'], 'request-timeout'),
+        keepAliveTimeoutMs: parseDuration(flags['keep-alive-timeout'], 'keep-alive-timeout'),
+        shutdownGraceMs: parseDuration(flags['shutdown-grace'], 'shutdown-grace'),
       });
       const server = await serve({ modelDir: flags.model, engine: config, serve: serveConfig, log: logToStderr });
-      await new Promise<void>((done) => {
-        const stop = () => void server.close().then(done);
-        process.once('SIGINT', stop);
-        process.once('SIGTERM', stop);
+      await new Promise<void>((done, fail) => {
+        let stopping = false;
+        const stop = (signal: NodeJS.Signals) => {
+          if (stopping) return logToStderr(`${signal}: already shutting down (within --shutdown-grace ${serveConfig.shutdownGraceMs} ms)`);
+          stopping = true;
+          logToStderr(`${signal}: draining; running requests have ${serveConfig.shutdownGraceMs} ms to finish`);
+          server.close().then(done, fail);
+        };
+        process.on('SIGINT', stop);
+        process.on('SIGTERM', stop);
       });
     }
     else {

@@ -1,4 +1,5 @@
 import { existsSync } from 'node:fs';
+import type { FastifyInstance } from 'fastify';
 import { readdir } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
 import { ConfigError, LoraGatewayError } from '../errors.js';
@@ -10,6 +11,7 @@ import { GatewayMetrics } from '../api/metrics.js';
 import { buildInfoOf } from '../api/ops-routes.js';
 import { createLogger } from '../api/request-log.js';
 import { packageVersion } from '../package-version.js';
+import { ServerLifecycle } from '../api/server-lifecycle.js';
 import type { EngineConfig, ServeConfig } from '../config.js';
 import { resolveBackend, type ResolvedBackend } from '../model/backend/backend.js';
 import { describeLoraCostModel, measureLoraCostModel } from '../model/lora/lora-cost-model.js';
@@ -133,6 +135,8 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   } else {
     log('federation off (start with --redis URL to run federated training jobs)');
   }
+  const lifecycle = new ServerLifecycle();
+  const timeouts = { headerTimeoutMs: cfg.headerTimeoutMs, requestTimeoutMs: cfg.requestTimeoutMs, keepAliveTimeoutMs: cfg.keepAliveTimeoutMs };
   const app = await buildApp({
     engine: gateway,
     metrics,
@@ -143,13 +147,16 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     apiKeys: keys && (() => keys.ring),
     metricsPublic: cfg.metricsPublic,
     loraPaths,
+    lifecycle,
+    timeouts,
   });
   if (keys) log(`API keys on: ${keys.ring.size} key(s) from --api-keys (re-read on SIGHUP); /metrics ${cfg.metricsPublic ? 'public' : 'needs an admin key'}`);
   else log(`API keys off: every client is admin (local development); start with --api-keys FILE to give tenants their own adapters`);
   log(loraPaths.enabled ? 'load_lora_adapter: reads folders under --lora-path-root' : 'load_lora_adapter: off (start with --lora-path-root DIR to register server folders at runtime)');
   let url: string;
   try {
-    url = await app.listen({ host: cfg.host, port: cfg.port });
+    // a burst of connections waits in the kernel's accept queue rather than being refused (Node's default is 511; the kernel caps it at somaxconn)
+    url = await app.listen({ host: cfg.host, port: cfg.port, backlog: LISTEN_BACKLOG });
   } catch (err) {
     // the engine thread and the federation queues are up: stop them, then say why in one line
     await app.close().catch(() => undefined);
@@ -170,7 +177,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
     url,
     async close() {
       keys?.close();
-      await app.close();
+      await drainHttp(app, lifecycle, cfg.shutdownGraceMs, log);
       await coordinator?.close();
       await gateway.close();
     },
@@ -180,6 +187,45 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
 /** Addresses only this machine can reach. */
 function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host) || /^::ffff:127\./i.test(host);
+}
+
+const LISTEN_BACKLOG = 4096;
+/** After the grace period, how long cancelled requests get to write their error before every connection is cut. */
+const CANCEL_FLUSH_MS = 1000;
+
+/**
+ * Graceful stop of the HTTP side, bounded by `graceMs` (+ CANCEL_FLUSH_MS): drain (/ready 503,
+ * new requests 503), stop listening and close idle keep-alive connections, let running
+ * generations finish, cancel those still running at the deadline, then cut every connection
+ * left (slow uploads, clients dripping headers), so no client can hold the shutdown open.
+ */
+async function drainHttp(app: FastifyInstance, lifecycle: ServerLifecycle, graceMs: number, log: (line: string) => void): Promise<void> {
+  lifecycle.beginDrain();
+  // resolves once every connection has ended; forceCloseConnections: 'idle' closes the idle ones now
+  const closed = app.close();
+  // connections whose request ends during the drain are closed as they turn idle
+  const sweep = setInterval(() => app.server.closeIdleConnections(), 100);
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<'deadline'>((resolve) => (timer = setTimeout(() => resolve('deadline'), graceMs)));
+  try {
+    if ((await Promise.race([closed.then(() => 'closed' as const), deadline])) === 'deadline') {
+      if (lifecycle.running > 0) {
+        log(`shutdown grace of ${graceMs} ms is over: cancelling ${lifecycle.running} running request(s)`);
+        lifecycle.cancelInFlight();
+        // their error (a JSON 503, or a stream's last event) is written right after they settle
+        await Promise.race([lifecycle.whenIdle().then(() => sleep(50)), sleep(CANCEL_FLUSH_MS)]);
+      }
+      app.server.closeAllConnections();
+      await closed;
+    }
+  } finally {
+    clearTimeout(timer);
+    clearInterval(sweep);
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** A Redis URL without its password, for logs. */

@@ -1,3 +1,4 @@
+import * as tf from '@tensorflow/tfjs-core';
 import type { LlamaModel } from '../model/forward/llama-model.js';
 import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
 import { AdapterPager, adapterVersionKey, type AdapterResidence } from '../pager/adapter-pager.js';
@@ -94,6 +95,7 @@ export class EngineCore {
       waiting: this.batcher.waitingCount,
       pages: { kv: this.pool.inUse('kv'), adapter: this.pool.inUse('adapter'), capacity: this.pool.capacity },
       pager: { ...this.pager.counters },
+      tensors: tf.memory().numTensors,
     };
   }
 

@@ -37,6 +37,8 @@ export interface EngineStats {
   pages: { kv: number; adapter: number; capacity: number };
   /** Cumulative counts from the adapter pager. */
   pager: { hostHits: number; hostMisses: number; deviceLoads: number; deviceEvictions: number; hostEvictions: number };
+  /** Live tensors on the engine's backend (tf.memory().numTensors): flat under steady load, or something leaks. */
+  tensors?: number;
 }
 
 export interface ServingEngine {

@@ -50,6 +50,9 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
   private readonly pending = new Map<number, Pending>();
   private readonly retiring = new Map<number, () => void>();
   private nextId = 1;
+  /** Requests in flight (running or waiting) past which a new one is refused here, without waiting for a step boundary. */
+  private readonly admissionLimit: number;
+  private readonly maxWaiting: number;
   private latestStats: EngineStats = { running: 0, waiting: 0, pages: { kv: 0, adapter: 0, capacity: 0 }, pager: { hostHits: 0, hostMisses: 0, deviceLoads: 0, deviceEvictions: 0, hostEvictions: 0 } };
   private residences = new Map<string, { residence: AdapterResidence; error?: string }>();
   private readonly stepListeners: ((info: StepInfo) => void)[] = [];
@@ -64,6 +67,8 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
     this.model = options.model;
     this.tokenizer = options.tokenizer;
     this.worker = worker;
+    this.maxWaiting = options.limits.maxWaiting;
+    this.admissionLimit = options.limits.maxRunningSeqs + options.limits.maxWaiting;
   }
 
   /** Opens the store, starts the engine thread and resolves once its model is loaded. */
@@ -183,6 +188,11 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
       if (!record) return Promise.reject(new AdapterError('ADAPTER_NOT_FOUND', `adapter '${request.adapterId}' does not exist`));
     }
     if (request.signal?.aborted) return Promise.reject(new LoraGatewayError('REQUEST_CANCELLED', 'the request was cancelled'));
+    // The engine thread answers only at its next step boundary (a long prefill can take seconds):
+    // with every running slot and waiting place taken, the 429 is decided here, at once.
+    if (this.pending.size >= this.admissionLimit) {
+      return Promise.reject(new LoraGatewayError('QUEUE_FULL', `the waiting queue is full (${this.maxWaiting} requests); retry later`));
+    }
     const id = this.nextId++;
     const { signal, ...wire } = request;
     const run = new Promise<GenerationResult>((resolve, reject) => {

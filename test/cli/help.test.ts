@@ -8,7 +8,7 @@ const help = async (...args: string[]) => (await run(process.execPath, ['--impor
 
 /** The options each command reads (main.ts), each of which its --help must list on a line of its own. */
 const OPTIONS: Record<string, string[]> = {
-  serve: ['model', 'adapter-dir', 'host', 'port', 'served-model-name', 'data', 'device-memory', 'host-memory', 'max-running-seqs', 'max-batch-tokens', 'max-adapters-per-batch', 'max-waiting', 'body-limit', 'engine-thread', 'redis', 'federation-prefix', 'federation-keep-updates', 'log-level', 'keep-versions', 'api-keys', 'metrics-public', 'allow-unauthenticated', 'lora-path-root', 'backend', 'max-lora-rank', 'lora-strategy'],
+  serve: ['model', 'adapter-dir', 'host', 'port', 'served-model-name', 'data', 'device-memory', 'host-memory', 'max-running-seqs', 'max-batch-tokens', 'max-adapters-per-batch', 'max-waiting', 'body-limit', 'engine-thread', 'redis', 'federation-prefix', 'federation-keep-updates', 'log-level', 'keep-versions', 'api-keys', 'metrics-public', 'allow-unauthenticated', 'lora-path-root', 'header-timeout', 'request-timeout', 'keep-alive-timeout', 'shutdown-grace', 'backend', 'max-lora-rank', 'lora-strategy'],
   generate: ['model', 'adapter', 'prompt', 'prompt-ids', 'batch', 'max-tokens', 'temperature', 'top-p', 'top-k', 'seed', 'logprobs', 'echo', 'ignore-eos', 'json', 'backend'],
   'demo-model': ['out', 'adapters', 'dtype'],
   demo: ['data', 'backend'],

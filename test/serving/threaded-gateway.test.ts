@@ -72,6 +72,19 @@ describe('the engine on its own worker thread (ThreadedGateway)', () => {
     await rm(root, { recursive: true, force: true });
   });
 
+  test('with every running slot and waiting place taken, QUEUE_FULL is decided on this thread, before another step report arrives', async () => {
+    const hold = new AbortController();
+    const held = Array.from({ length: LIMITS.maxRunningSeqs + LIMITS.maxWaiting }, () =>
+      engine.complete(request([5, 6, 7], 1500, { logprobs: undefined, signal: hold.signal })).catch(() => undefined),
+    );
+    const stepsBefore = steps.length;
+    await assert.rejects(engine.complete(request([5, 6, 7], 4)), withCode('QUEUE_FULL'));
+    // no message from the engine thread was handled in between: the answer did not wait for a step
+    assert.equal(steps.length, stepsBefore);
+    hold.abort();
+    await Promise.all(held);
+  });
+
   test('a request arriving over HTTP mid-step is admitted at the next step boundary, and HTTP answers while the step runs', async () => {
     steps.length = 0;
     events.length = 0;

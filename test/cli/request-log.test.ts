@@ -40,7 +40,7 @@ test('serve logs one JSON line per request on stdout (id, route, adapter, status
     // errors Fastify raises before routing are OpenAI-shaped too
     const badUrl = await fetch(`${server.url}/v1/models/%E0%A4%A`);
     assert.equal(badUrl.status, 400);
-    assert.equal(((await badUrl.json()) as { error: { code: string } }).error.code, 'fst_err_bad_url');
+    assert.equal(((await badUrl.json()) as { error: { code: string } }).error.code, 'url_invalid');
     const ready = (await (await fetch(`${server.url}/ready`)).json()) as Record<string, unknown>;
     assert.deepEqual(Object.keys(ready).sort(), ['backend', 'model', 'native_blas', 'status', 'version']);
     assert.equal(ready.version, version);

@@ -25,14 +25,17 @@ test('SIGTERM: idle, dripping and streaming connections cannot hold the shutdown
   try {
     const baseUrl = await new Promise<string>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error(`not serving within 60 s:\n${log}`)), 60_000);
-      child.stderr.on('data', (d: Buffer) => {
+      // stdout is a pipe, so the startup lines come as JSON there; stderr keeps anything else
+      const onData = (d: Buffer) => {
         log += d.toString();
         const m = / at (http:\/\/\S+) \(device pool/.exec(log);
         if (m) {
           clearTimeout(timer);
           resolve(m[1]);
         }
-      });
+      };
+      child.stdout.on('data', onData);
+      child.stderr.on('data', onData);
       void exited.then((code) => reject(new Error(`serve exited with ${code}:\n${log}`)));
     });
 

@@ -113,15 +113,23 @@ async function engineTensors(baseUrl: string): Promise<number> {
 async function main(): Promise<void> {
   const dataDir = await mkdtemp(join(os.tmpdir(), 'lora-gateway-load-'));
   const child = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'serve', '--data', dataDir, '--port', '0', '--backend', flags.backend, '--max-waiting', flags['max-waiting']], {
-    stdio: ['ignore', 'ignore', 'pipe'],
+    stdio: ['ignore', 'pipe', 'pipe'],
   });
   let log = '';
+  let listening = false;
   const baseUrl = await new Promise<string>((resolve, reject) => {
-    child.stderr.on('data', (d: Buffer) => {
+    // stdout is a pipe: serve writes JSON lines there (startup, then one per request), read to the end
+    const onData = (d: Buffer) => {
+      if (listening) return;
       log += d.toString();
       const m = / at (http:\/\/\S+) \(device pool/.exec(log);
-      if (m) resolve(m[1]);
-    });
+      if (m) {
+        listening = true;
+        resolve(m[1]);
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
     child.once('exit', (code) => reject(new Error(`serve exited with ${code}:\n${log}`)));
   });
   try {
@@ -172,6 +180,12 @@ async function main(): Promise<void> {
   }
 }
 
+/** The mean of each tenth of a series. */
+function tenths(xs: number[]): number[] {
+  const n = Math.max(1, Math.floor(xs.length / 10));
+  return Array.from({ length: Math.min(10, Math.floor(xs.length / n)) }, (_, i) => mean(xs.slice(i * n, (i + 1) * n)));
+}
+
 function report(r: { capacity: number; rate: number; concurrency: number; all: Outcome[]; health: number[]; samples: { rss: number; tensors: number }[] }): void {
   const ok = r.all.filter((o) => o.status === 200);
   const shed = r.all.filter((o) => o.status === 429);
@@ -195,6 +209,8 @@ function report(r: { capacity: number; rate: number; concurrency: number; all: O
     ['429s answered after 1 s', `${shed.filter((o) => o.ttfbMs > 1000).length}`],
     ['GET /health p50 / p99 / max (ms)', `${f(pct(r.health, 50))} / ${f(pct(r.health, 99))} / ${f(Math.max(...r.health))}`],
     ['RSS MiB, first third / last third', `${mean(first.map((s) => s.rss)).toFixed(0)} / ${mean(last.map((s) => s.rss)).toFixed(0)}`],
+    // a leak climbs to the end; a heap settling to its working size levels off
+    ['RSS MiB at each tenth of the run', tenths(r.samples.map((s) => s.rss)).map((x) => x.toFixed(0)).join(' ')],
     ['engine tensors, first third / last third', `${mean(first.map((s) => s.tensors)).toFixed(0)} / ${mean(last.map((s) => s.tensors)).toFixed(0)}`],
   ];
   const w = Math.max(...rows.map(([k]) => k.length));

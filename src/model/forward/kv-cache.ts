@@ -308,13 +308,15 @@ export class DecodeBatchCache {
   keepRows(rows: number[]): void {
     const lengths = rows.map((r) => this.lengths[r]);
     const longest = Math.max(0, ...lengths);
-    const cap = 2 * allocatedFor(longest) < this.capacity ? allocatedFor(longest) : this.capacity;
+    // read once: `capacity` is layer 0's width, which the loop below changes first
+    const before = this.capacity;
+    const cap = 2 * allocatedFor(longest) < before ? allocatedFor(longest) : before;
     for (let l = 0; l < this.kT.length; l++) {
       const [k, v] = tf.tidy(() => {
         const idx = tf.tensor1d(rows, 'int32');
         let k = tf.gather(this.kT[l], idx) as tf.Tensor4D;
         let v = tf.gather(this.v[l], idx) as tf.Tensor4D;
-        if (cap < this.capacity) {
+        if (cap < before) {
           k = tf.slice(k, [0, 0, 0, 0], [-1, -1, -1, cap]);
           v = tf.slice(v, [0, 0, 0, 0], [-1, -1, cap, -1]);
         }

@@ -102,3 +102,29 @@ test('a batch keeps headroom past its longest row, so most decode steps write in
     model.dispose();
   }
 });
+
+test('dropping the longest row gives columns back in every layer alike, and decoding goes on equal to recomputation', async () => {
+  const cfg = TINY_CONFIGS.gqa;
+  const { model } = memoryModel(cfg, 5);
+  assert.ok(model.config.numLayers > 1, 'the shrink must reach layers past the first');
+  const before = tf.memory().numTensors;
+  const short = [4, 8, 15];
+  const long = Array.from({ length: 80 }, (_, i) => (i * 11) % 50);
+  const batch = DecodeBatchCache.repack(undefined, [{ cache: prefill(model, short, null) }, { cache: prefill(model, long, null) }], model.config.slidingWindow);
+  try {
+    const wide = batch.capacity;
+    batch.keepRows([0]);
+    assert.ok(batch.capacity < wide / 2, `capacity ${wide} → ${batch.capacity}: given back once the longest row needs less than half`);
+    for (let step = 0; step < 3; step++) {
+      const logits = forwardDecode(model, batch, [step + 1], [null]);
+      const row = ((await logits.array()) as number[][])[0];
+      logits.dispose();
+      short.push(step + 1);
+      assert.ok(maxAbsDiff(row, await alone(model, short, null)) < 1e-4, `step ${step}`);
+    }
+  } finally {
+    batch.dispose();
+  }
+  assert.equal(tf.memory().numTensors, before);
+  model.dispose();
+});

@@ -11,7 +11,7 @@
  * GET /health latency during the load, and the server's RSS (/proc) and live engine tensors
  * (lora_gateway_engine_tensors on /metrics) sampled every second: first third vs last third.
  *
- *   npm run bench:load [-- --duration 600s --factor 1.5 --max-waiting 32 --concurrency 8]
+ *   npm run bench:load [-- --duration 600s --factor 1.5 --max-waiting 32 --concurrency 64]
  */
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
@@ -25,7 +25,8 @@ const { values: flags } = parseArgs({
   options: {
     duration: { type: 'string', default: '30s' },
     'capacity-duration': { type: 'string', default: '10s' },
-    concurrency: { type: 'string', default: '8' },
+    // as many clients as the server runs sequences (--max-running-seqs 64): fewer measure latency, not capacity
+    concurrency: { type: 'string', default: '64' },
     factor: { type: 'string', default: '1.5' },
     'max-waiting': { type: 'string', default: '32' },
     'max-tokens': { type: 'string', default: '8-32' },
@@ -93,6 +94,16 @@ async function oneRequest(baseUrl: string): Promise<Outcome> {
   }
 }
 
+/** Error-level lines the server logged during the run, by message. */
+const serverErrors = new Map<string, number>();
+function serverErrorOf(line: string): void {
+  if (!line.startsWith('{')) return;
+  const e = JSON.parse(line) as { level?: number; msg?: string; err?: { message?: string; stack?: string } };
+  if ((e.level ?? 0) < 50) return;
+  const what = `${e.msg ?? ''}: ${e.err?.stack?.split('\n').slice(0, 3).join(' | ') ?? e.err?.message ?? ''}`;
+  serverErrors.set(what, (serverErrors.get(what) ?? 0) + 1);
+}
+
 function pct(xs: number[], p: number): number {
   const a = xs.filter((x) => !Number.isNaN(x)).sort((x, y) => x - y);
   return a.length === 0 ? NaN : a[Math.min(a.length - 1, Math.max(0, Math.ceil((p / 100) * a.length) - 1))];
@@ -119,8 +130,15 @@ async function main(): Promise<void> {
   let listening = false;
   const baseUrl = await new Promise<string>((resolve, reject) => {
     // stdout is a pipe: serve writes JSON lines there (startup, then one per request), read to the end
+    let partial = '';
     const onData = (d: Buffer) => {
-      if (listening) return;
+      if (listening) {
+        // after startup: keep what the server logged at error level, to name the cause of any 5xx
+        const lines = (partial + d.toString()).split('\n');
+        partial = lines.pop()!;
+        for (const line of lines) serverErrorOf(line);
+        return;
+      }
       log += d.toString();
       const m = / at (http:\/\/\S+) \(device pool/.exec(log);
       if (m) {
@@ -214,6 +232,7 @@ function report(r: { capacity: number; rate: number; concurrency: number; all: O
     ['engine tensors, first third / last third', `${mean(first.map((s) => s.tensors)).toFixed(0)} / ${mean(last.map((s) => s.tensors)).toFixed(0)}`],
   ];
   const w = Math.max(...rows.map(([k]) => k.length));
+  for (const [what, n] of serverErrors) process.stderr.write(`server logged ${n}× ${what}\n`);
   process.stdout.write(`\n| measure | value |\n|---|---|\n${rows.map(([k, v]) => `| ${k.padEnd(w)} | ${v} |`).join('\n')}\n`);
 }
 

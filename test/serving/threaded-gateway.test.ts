@@ -7,7 +7,6 @@ import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../../src/api/app.js';
 import { GatewayMetrics } from '../../src/api/metrics.js';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
-import { readModelConfig } from '../../src/model/architecture/model-config.js';
 import { loadLlamaModel } from '../../src/model/forward/model-loader.js';
 import { TextTokenizer } from '../../src/model/tokenizer/tokenizer.js';
 import type { StepInfo } from '../../src/serving/batcher-options.js';
@@ -15,6 +14,7 @@ import { Gateway } from '../../src/serving/gateway.js';
 import type { CompletionRequest } from '../../src/serving/serving-engine.js';
 import { ThreadedGateway } from '../../src/serving/threaded-gateway.js';
 import { withCode } from '../helpers/error-matchers.js';
+import { startThreaded } from '../helpers/threaded-fixture.js';
 import { useWasm } from '../helpers/tiny-models.js';
 
 const GREEDY = { temperature: 0, topP: 1, topK: 0 };
@@ -31,18 +31,7 @@ const steps: StepInfo[] = [];
 const events: string[] = [];
 
 async function threaded(): Promise<ThreadedGateway> {
-  return ThreadedGateway.create({
-    modelId: 'demo-model',
-    modelDir,
-    model: await readModelConfig(modelDir),
-    tokenizer: await TextTokenizer.load(modelDir),
-    backend: 'wasm',
-    storeDir: join(root, 'store'),
-    deviceMemoryBytes: 64 * 2 ** 20,
-    hostMemoryBytes: 64 * 2 ** 20,
-    maxLoraRank: 64,
-    limits: LIMITS,
-  });
+  return startThreaded(root, modelDir, LIMITS);
 }
 
 function request(promptIds: number[], maxTokens: number, over: Partial<CompletionRequest> = {}): CompletionRequest {

@@ -4,10 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, test } from 'node:test';
 import { writeDemoModel } from '../../src/cli/demo-model-command.js';
-import { readModelConfig } from '../../src/model/architecture/model-config.js';
-import { TextTokenizer } from '../../src/model/tokenizer/tokenizer.js';
 import type { TokenEvent } from '../../src/serving/serving-engine.js';
-import { ThreadedGateway } from '../../src/serving/threaded-gateway.js';
+import { startThreaded } from '../helpers/threaded-fixture.js';
 
 let root: string | undefined;
 after(async () => root && rm(root, { recursive: true, force: true }));
@@ -16,19 +14,7 @@ test('ThreadedGateway with keepVersions 1: the version a request runs on outlive
   root = await mkdtemp(join(tmpdir(), 'lora-gateway-threaded-keep-'));
   const modelDir = join(root, 'model');
   await writeDemoModel(modelDir, { adapters: 1 });
-  const engine = await ThreadedGateway.create({
-    modelId: 'demo-model',
-    modelDir,
-    model: await readModelConfig(modelDir),
-    tokenizer: await TextTokenizer.load(modelDir),
-    backend: 'wasm',
-    storeDir: join(root, 'store'),
-    deviceMemoryBytes: 64 * 2 ** 20,
-    hostMemoryBytes: 64 * 2 ** 20,
-    maxLoraRank: 64,
-    limits: { maxRunningSeqs: 4, maxBatchTokens: 512, maxAdaptersPerBatch: 4, maxWaiting: 16 },
-    keepVersions: 1,
-  });
+  const engine = await startThreaded(root, modelDir, { maxRunningSeqs: 4, maxBatchTokens: 512, maxAdaptersPerBatch: 4, maxWaiting: 16 }, { keepVersions: 1 });
   try {
     assert.ok(engine.backend?.name, 'the engine thread reports the backend it resolved');
     const adapterDir = join(modelDir, 'adapters', 'demo-0');

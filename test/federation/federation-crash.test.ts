@@ -92,6 +92,8 @@ test('the gateway killed with SIGKILL mid-round and started again: the job resum
 });
 
 test('the gateway killed with SIGKILL while it writes a round\'s new version: on restart the store holds no partial version, the previous version serves, and the round publishes once', async (t) => {
+  // the previous test's gateway: one gateway per data folder at a time
+  await gateway?.stop();
   let gw = await startGateway();
   gateway = gw.proc;
   const store = join(root, 'serve', 'adapters');

@@ -3,6 +3,7 @@ import { mkdir, mkdtemp, readFile, rm, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import OpenAI from 'openai';
 import { ApiKeyRing, createApiKey, readApiKeyFile, revokeApiKeys } from '../../src/tenants/api-key-file.js';
 import { startGateway, type GatewayFixture } from '../helpers/gateway-fixture.js';
 
@@ -156,6 +157,17 @@ describe('tenants over HTTP', () => {
     assert.equal((await call('admin', 'GET', '/metrics')).status, 200);
     // an unknown route behind auth still needs a key, so route names do not leak either
     assert.equal((await call(undefined, 'GET', '/v1/nothing')).status, 401);
+  });
+
+  test("the openai client's api_key is the tenant's key: its own adapter streams; another tenant's is NotFoundError, a wrong key AuthenticationError", async () => {
+    const acme = new OpenAI({ baseURL: `${fx.baseUrl}/v1`, apiKey: key.acme, maxRetries: 0 });
+    let text = '';
+    for await (const chunk of await acme.completions.create({ model: 'secret', prompt: 'The', max_tokens: 3, stream: true })) text += chunk.choices[0]?.text ?? '';
+    assert.ok(text.length > 0);
+    const beta = new OpenAI({ baseURL: `${fx.baseUrl}/v1`, apiKey: key.beta, maxRetries: 0 });
+    await assert.rejects(beta.completions.create({ model: 'secret', prompt: 'The', max_tokens: 3 }), (err: unknown) => err instanceof OpenAI.NotFoundError && err.code === 'adapter_not_found');
+    const wrong = new OpenAI({ baseURL: `${fx.baseUrl}/v1`, apiKey: 'sk-lgw-wrong', maxRetries: 0 });
+    await assert.rejects(wrong.models.list(), (err: unknown) => err instanceof OpenAI.AuthenticationError && err.code === 'invalid_api_key');
   });
 
   test('load_lora_adapter reads only under --lora-path-root, symlinks resolved, and never echoes a server path', async () => {

@@ -90,10 +90,11 @@ async function syncDir(path: string): Promise<void> {
 }
 
 /** A full disk or quota (ENOSPC, EDQUOT) as STORAGE_FULL; other errors pass unchanged. */
-function storageError(err: unknown, id: string, root: string): unknown {
+function storageError(err: unknown, id: string): unknown {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   if (code !== 'ENOSPC' && code !== 'EDQUOT') return err;
-  return new LoraGatewayError('STORAGE_FULL', `cannot store adapter '${id}': the adapter store ${root} is out of space (${code}); nothing was changed`, { cause: err });
+  // an HTTP answer: it names the adapter, not the server's folders
+  return new LoraGatewayError('STORAGE_FULL', `cannot store adapter '${id}': the adapter store is out of space (${code}); nothing was changed`, { cause: err });
 }
 
 function isNotFound(err: unknown): boolean {
@@ -301,7 +302,7 @@ export class AdapterStore {
     } catch (err) {
       // nothing of a failed write stays behind: the temporary folder goes, the index is untouched
       await rm(tmp, { recursive: true, force: true });
-      throw storageError(err, id, this.root);
+      throw storageError(err, id);
     }
   }
 

@@ -38,6 +38,7 @@ test('a full disk during an upload answers 507 storage_full, changes nothing, le
       assert.equal(res.json.error?.code, 'storage_full');
       assert.equal(res.json.error?.type, 'server_error');
       assert.match(res.json.error?.message ?? '', new RegExp(`cannot store adapter '${id}'.*out of space \\(ENOSPC\\); nothing was changed`));
+      assert.ok(!res.json.error?.message.includes(mountPoint), 'the answer names no server folder');
     }
     await assertNoTempLeft(store);
     assert.equal(await assertAdapterWhole(fx.baseUrl, 'victim'), 1);

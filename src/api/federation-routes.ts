@@ -1,8 +1,9 @@
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify';
-import { AdapterError, FederationError, RequestError } from '../errors.js';
+import { FederationError, RequestError } from '../errors.js';
 import type { JobPrivacy, JobRecord, RoundRecord } from '../federation/job-record.js';
 import type { MechanismSteps } from '../federation/privacy/rdp-accountant.js';
 import type { RoundCoordinator } from '../federation/round-coordinator.js';
+import { refuseReservedAdapterId } from '../serving/store-backed-engine.js';
 import { clientBelongsTo, qualifyAdapterId, splitAdapterId, TENANT_SEPARATOR } from '../tenants/tenant-ids.js';
 
 /** snake_case view of a round record, as the OpenAI-style API speaks. */
@@ -113,10 +114,8 @@ export const federationRoutes: FastifyPluginAsync<{ coordinator: RoundCoordinato
     const coordinator = fed();
     const tenant = tenantOf(req);
     let body = req.body as Record<string, unknown>;
-    if (body.target_adapter_id === modelId) {
-      // refused now rather than at the first publish, after a round of everyone's training
-      throw new AdapterError('ADAPTER_ID_RESERVED', `target_adapter_id '${modelId}' is the served model's name: requests with model '${modelId}' go to the base model, so such an adapter could never be used`);
-    }
+    // refused now rather than at the first publish, after a round of everyone's training
+    if (typeof body.target_adapter_id === 'string') refuseReservedAdapterId(body.target_adapter_id, modelId, 'target_adapter_id');
     if (tenant !== undefined && typeof body.target_adapter_id === 'string') {
       // the tenant names its adapter plainly; the job publishes to the tenant's store id
       if (body.target_adapter_id.includes(TENANT_SEPARATOR)) throw new FederationError('FED_JOB_INVALID', `job spec: target_adapter_id: '${TENANT_SEPARATOR}' is reserved`);

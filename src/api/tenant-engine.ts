@@ -3,6 +3,7 @@ import type { AdapterRecord, AdapterFiles, PutOptions } from '../pager/adapter-s
 import type { AdapterResidence } from '../pager/adapter-pager.js';
 import type { GenerationResult } from '../serving/batch-generator.js';
 import type { CompletionRequest, ServingEngine, TokenEvent } from '../serving/serving-engine.js';
+import { refuseReservedAdapterId } from '../serving/store-backed-engine.js';
 import { qualifyAdapterId, splitAdapterId, TENANT_SEPARATOR } from '../tenants/tenant-ids.js';
 
 /**
@@ -86,7 +87,7 @@ export class TenantEngineView implements ServingEngine {
   }
 
   async putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
-    this.refuseReserved(id);
+    refuseReservedAdapterId(id, this.engine.modelId);
     return this.outer(await this.unqualified(() => this.engine.putAdapter(this.inner(id), files, options)));
   }
 
@@ -111,7 +112,7 @@ export class TenantEngineView implements ServingEngine {
   }
 
   async loadAdapterFromDir(id: string, dir: string): Promise<AdapterRecord> {
-    this.refuseReserved(id);
+    refuseReservedAdapterId(id, this.engine.modelId);
     return this.outer(await this.unqualified(() => this.engine.loadAdapterFromDir(this.inner(id), dir)));
   }
 
@@ -137,10 +138,4 @@ export class TenantEngineView implements ServingEngine {
 
   /** The view owns nothing: closing the server closes the engine, not a tenant's view of it. */
   async close(): Promise<void> {}
-
-  private refuseReserved(id: string): void {
-    if (id === this.engine.modelId) {
-      throw new AdapterError('ADAPTER_ID_RESERVED', `adapter id '${id}' is the served model's name: requests with model '${id}' go to the base model, so such an adapter could never be used`);
-    }
-  }
 }

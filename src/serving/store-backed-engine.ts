@@ -24,6 +24,16 @@ export interface StoreBackedEngineOptions {
 }
 
 /**
+ * An adapter named like the base model could never be reached (`model` picks the base first):
+ * refused wherever such a name is given (`field`: how the request names it).
+ */
+export function refuseReservedAdapterId(id: string, modelId: string, field = 'adapter id'): void {
+  if (id === modelId) {
+    throw new AdapterError('ADAPTER_ID_RESERVED', `${field} '${id}' is the served model's name: requests with model '${id}' go to the base model, so such an adapter could never be used`);
+  }
+}
+
+/**
  * The adapter-management half of a ServingEngine, over the AdapterStore on this thread: shared
  * by the in-process Gateway and the ThreadedGateway, which differ only in where the engine
  * runs (so in how a deleted adapter's versions leave host and device: `retire`).
@@ -86,11 +96,15 @@ export abstract class StoreBackedEngine {
   /** The served model's name: `model` with this value means the base model. */
   abstract readonly modelId: string;
 
-  /** An adapter named like the base model could never be reached (`model` picks the base first). */
   private refuseReserved(id: string): void {
-    if (id === this.modelId) {
-      throw new AdapterError('ADAPTER_ID_RESERVED', `adapter id '${id}' is the served model's name: requests with model '${id}' go to the base model, so such an adapter could never be used`);
-    }
+    refuseReservedAdapterId(id, this.modelId);
+  }
+
+  /** Stores a new version, then prunes what --keep-versions no longer keeps. */
+  private async storeVersion(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
+    const record = await this.store.put(id, files, options);
+    await this.pruneVersions(id);
+    return record;
   }
 
   listAdapters(): AdapterRecord[] {
@@ -101,11 +115,9 @@ export abstract class StoreBackedEngine {
     return this.store.get(id);
   }
 
-  async putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
+  putAdapter(id: string, files: AdapterFiles, options?: PutOptions): Promise<AdapterRecord> {
     this.refuseReserved(id);
-    const record = await this.store.put(id, files, options);
-    await this.pruneVersions(id);
-    return record;
+    return this.storeVersion(id, files, options);
   }
 
   getAdapterVersion(id: string, version?: number): Promise<AdapterRecord | undefined> {
@@ -132,9 +144,7 @@ export abstract class StoreBackedEngine {
     } catch (err) {
       throw new AdapterError('ADAPTER_CONFIG_INVALID', `${dir}: cannot read adapter_config.json and adapter_model.safetensors`, { cause: err });
     }
-    const record = await this.store.put(id, files);
-    await this.pruneVersions(id);
-    return record;
+    return this.storeVersion(id, files);
   }
 
   /** Waits for in-flight requests on the adapter, then removes every version of it. */

@@ -60,7 +60,8 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
       `refusing to listen on ${cfg.host} without API keys: anyone who reaches it could use, overwrite or delete every adapter. Give --api-keys FILE (make one with: lora-gateway api-key create --api-keys FILE --tenant admin --role admin), or --allow-unauthenticated`,
     );
   }
-  const keys = cfg.apiKeysPath ? await ApiKeyFile.watch(cfg.apiKeysPath, log) : undefined;
+  // read now, so a bad file stops startup before the model loads; watched for SIGHUP once listening starts
+  const keys = cfg.apiKeysPath ? await ApiKeyFile.open(cfg.apiKeysPath) : undefined;
   const loraPaths = await LoraPathPolicy.create(cfg.loraPathRoot).catch((err: NodeJS.ErrnoException) => {
     throw new ConfigError('CONFIG_INVALID', `--lora-path-root: cannot open the folder (${err.code ?? err.message})`, { cause: err });
   });
@@ -153,6 +154,7 @@ export async function serve(options: ServeOptions): Promise<{ url: string; close
   if (keys) log(`API keys on: ${keys.ring.size} key(s) from --api-keys (re-read on SIGHUP); /metrics ${cfg.metricsPublic ? 'public' : 'needs an admin key'}`);
   else log(`API keys off: every client is admin (local development); start with --api-keys FILE to give tenants their own adapters`);
   log(loraPaths.enabled ? 'load_lora_adapter: reads folders under --lora-path-root' : 'load_lora_adapter: off (start with --lora-path-root DIR to register server folders at runtime)');
+  keys?.watch(log);
   let url: string;
   try {
     // a burst of connections waits in the kernel's accept queue rather than being refused (Node's default is 511; the kernel caps it at somaxconn)

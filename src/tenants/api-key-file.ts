@@ -127,7 +127,7 @@ export class ApiKeyRing {
   }
 
   authenticate(key: string): Principal | undefined {
-    const presented = createHash('sha256').update(key, 'utf8').digest();
+    const presented = Buffer.from(hashKey(key), 'hex');
     let found: Principal | undefined;
     for (const e of this.entries) {
       if (timingSafeEqual(presented, e.hash) && !found) found = e.principal;
@@ -138,20 +138,25 @@ export class ApiKeyRing {
 
 /**
  * The server's hold on the keys file: read at startup (a bad file stops startup), read again
- * on SIGHUP (a bad file then keeps the keys in force and says why).
+ * on SIGHUP once `watch` is called (a bad file then keeps the keys in force and says why).
  */
 export class ApiKeyFile {
+  private onHup: (() => void) | undefined;
+
   private constructor(
     private readonly path: string,
     public ring: ApiKeyRing,
-    private readonly onHup: () => void,
   ) {}
 
-  static async watch(path: string, log: (line: string) => void): Promise<ApiKeyFile> {
-    const ring = await ApiKeyRing.load(path);
-    const file: ApiKeyFile = new ApiKeyFile(path, ring, () => void file.reload(log));
-    process.on('SIGHUP', file.onHup);
-    return file;
+  static async open(path: string): Promise<ApiKeyFile> {
+    return new ApiKeyFile(path, await ApiKeyRing.load(path));
+  }
+
+  /** Re-reads the file on every SIGHUP until `close`. */
+  watch(log: (line: string) => void): void {
+    this.close();
+    this.onHup = () => void this.reload(log);
+    process.on('SIGHUP', this.onHup);
   }
 
   private async reload(log: (line: string) => void): Promise<void> {
@@ -164,6 +169,7 @@ export class ApiKeyFile {
   }
 
   close(): void {
-    process.off('SIGHUP', this.onHup);
+    if (this.onHup) process.off('SIGHUP', this.onHup);
+    this.onHup = undefined;
   }
 }

@@ -86,10 +86,22 @@ export function prefillLogits(r: PrefillShape): 'all' | 'last' | 'none' {
   return r.echo ? 'all' : r.maxTokens > 0 ? 'last' : 'none';
 }
 
+/** Each request's rows of a prefill's logits, laid out by prefillLogits in request order (empty for 'none'). */
+export function prefillRowSpans(requests: PrefillShape[], rows: Float32Array, vocabSize: number): Float32Array[] {
+  let row = 0;
+  return requests.map((r) => {
+    const kind = prefillLogits(r);
+    const n = kind === 'all' ? r.promptIds.length : kind === 'last' ? 1 : 0;
+    const span = rows.subarray(row * vocabSize, (row + n) * vocabSize);
+    row += n;
+    return span;
+  });
+}
+
 /**
- * Walks a prefill's logits rows (laid out by prefillLogits, in request order): pushes each echoed
- * prompt token's score into its `promptLogprobs`, and returns per request the row that samples
- * its first token (undefined when max_tokens is 0).
+ * Walks a prefill's logits rows (prefillRowSpans): pushes each echoed prompt token's score into
+ * its `promptLogprobs`, and returns per request the row that samples its first token (its last
+ * row; undefined when max_tokens is 0).
  */
 export function splitPrefillRows(
   requests: PrefillShape[],
@@ -98,18 +110,14 @@ export function splitPrefillRows(
   promptLogprobs: ((ScoredToken | null)[] | undefined)[],
 ): (Float32Array | undefined)[] {
   const V = vocabSize;
-  let row = 0;
-  return requests.map((r, i) => {
+  return prefillRowSpans(requests, rows, V).map((span, i) => {
+    const r = requests[i];
     if (r.echo) {
-      for (let t = 1; t < r.promptIds.length; t++) {
-        promptLogprobs[i]!.push(scored(rows.subarray((row + t - 1) * V, (row + t) * V), r.promptIds[t], r.logprobs ?? 0));
-      }
-      row += r.promptIds.length - 1;
+      // row t-1 scores prompt token t
+      for (let t = 1; t < r.promptIds.length; t++) promptLogprobs[i]!.push(scored(span.subarray((t - 1) * V, t * V), r.promptIds[t], r.logprobs ?? 0));
     }
-    if (prefillLogits(r) === 'none') return undefined;
-    const first = rows.subarray(row * V, (row + 1) * V);
-    row += 1;
-    return r.maxTokens > 0 ? first : undefined;
+    if (span.length === 0 || r.maxTokens <= 0) return undefined;
+    return span.subarray(span.length - V);
   });
 }
 

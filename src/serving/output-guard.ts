@@ -1,6 +1,6 @@
 import { AdapterError, LoraGatewayError } from '../errors.js';
 import type { AdapterRecord } from '../pager/adapter-store.js';
-import { prefillLogits } from './batch-generator.js';
+import { prefillRowSpans } from './batch-generator.js';
 import type { Sequence } from './sequence.js';
 
 /**
@@ -32,17 +32,11 @@ export function outputError(record: AdapterRecord | null, rows: Float32Array, vo
   );
 }
 
-/**
- * Checks a prefill's logits (laid out by prefillLogits, in the order of `scoring`): per
- * sequence, the error its rows earn, or undefined.
- */
+/** Checks a prefill's logits (in the order of `scoring`): per sequence, the error its rows earn, or undefined. */
 export function prefillOutputErrors(scoring: Sequence[], rows: Float32Array, vocabSize: number): (LoraGatewayError | undefined)[] {
-  let offset = 0;
-  return scoring.map((s) => {
-    const kind = prefillLogits(s.request);
-    const n = kind === 'all' ? s.request.promptIds.length : kind === 'last' ? 1 : 0;
-    const span = rows.subarray(offset * vocabSize, (offset + n) * vocabSize);
-    offset += n;
-    return outputError(s.record, span, vocabSize);
-  });
+  return prefillRowSpans(
+    scoring.map((s) => s.request),
+    rows,
+    vocabSize,
+  ).map((span, i) => outputError(scoring[i].record, span, vocabSize));
 }

@@ -98,8 +98,7 @@ export function codeOfFrameworkError(fe: FastifyError): ErrorCode {
   return (fe.code && FASTIFY_CODES[fe.code]) || BY_STATUS[fe.statusCode ?? 400] || 'REQUEST_INVALID';
 }
 
-
-/** OpenAI's error types: rate_limit_error for 429, server_error for 5xx, invalid_request_error otherwise. */
+/** OpenAI's error types: rate_limit_error (429), authentication_error (401), permission_error (403), server_error (5xx), invalid_request_error otherwise. */
 export function errorType(status: number): string {
   return status === 429 ? 'rate_limit_error' : status === 401 ? 'authentication_error' : status === 403 ? 'permission_error' : status >= 500 ? 'server_error' : 'invalid_request_error';
 }
@@ -117,7 +116,7 @@ export function handleError(err: FastifyError | Error, _req: FastifyRequest, rep
   if (err instanceof LoraGatewayError) {
     const status = statusOf(err);
     if (status === 429) void reply.header('retry-after', '1');
-    void reply.status(status).send(errorBody(err.code, err.message, errorType(status)));
+    void reply.status(status).send(errorBody(err.code, err.message));
     return;
   }
   const fe = err as FastifyError;

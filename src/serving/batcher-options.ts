@@ -1,3 +1,4 @@
+import { LoraGatewayError } from '../errors.js';
 import type { LoraCostModel, LoraStrategy } from '../model/lora/lora-batch.js';
 import type { LlamaModel } from '../model/forward/llama-model.js';
 import type { AdapterPager } from '../pager/adapter-pager.js';
@@ -38,4 +39,9 @@ export interface StepInfo {
   preempted: number;
   /** Wall time of the step's phases, in milliseconds. */
   ms: { grow: number; admit: number; prefill: number; repack: number; decode: number };
+}
+
+/** The 429 of a full waiting queue, whichever side decides it (the batcher, or the HTTP thread of a ThreadedGateway). */
+export function queueFullError(maxWaiting: number): LoraGatewayError {
+  return new LoraGatewayError('QUEUE_FULL', `the waiting queue is full (${maxWaiting} requests); retry later`);
 }

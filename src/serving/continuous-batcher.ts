@@ -4,7 +4,7 @@ import { LoraStackCache } from '../model/lora/lora-stack-cache.js';
 import { forwardSequences } from '../model/forward/llama-model.js';
 import type { AdapterRecord } from '../pager/adapter-store.js';
 import { kvPagesPerToken } from '../pager/page-sizes.js';
-import type { BatcherParts } from './batcher-options.js';
+import { queueFullError, type BatcherParts } from './batcher-options.js';
 import { prefillLogits, readRows, scored, splitPrefillRows, validateRequest, type GenerationResult } from './batch-generator.js';
 import { DecodeBatch } from './decode-batch.js';
 import { FairQueue } from './fair-queue.js';
@@ -72,7 +72,7 @@ export class ContinuousBatcher {
       return Promise.reject(err);
     }
     if (this.waiting.length >= limits.maxWaiting) {
-      return Promise.reject(new LoraGatewayError('QUEUE_FULL', `the waiting queue is full (${limits.maxWaiting} requests); retry later`));
+      return Promise.reject(queueFullError(limits.maxWaiting));
     }
     if (request.signal?.aborted) return Promise.reject(new LoraGatewayError('REQUEST_CANCELLED', 'the request was cancelled'));
     return new Promise<GenerationResult>((resolve, reject) => {

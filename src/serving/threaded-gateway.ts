@@ -7,7 +7,7 @@ import type { TextTokenizer } from '../model/tokenizer/tokenizer.js';
 import { adapterVersionKey, type AdapterResidence } from '../pager/adapter-pager.js';
 import { AdapterStore, type AdapterRecord } from '../pager/adapter-store.js';
 import type { GenerationResult } from './batch-generator.js';
-import type { StepInfo } from './batcher-options.js';
+import { queueFullError, type StepInfo } from './batcher-options.js';
 import type { EngineWorkerInit, FromEngine, ResidenceView, ToEngine } from './engine-protocol.js';
 import { stopTokenIdsOf } from './gateway.js';
 import { StoreBackedEngine, type StoreBackedEngineOptions } from './store-backed-engine.js';
@@ -191,7 +191,7 @@ export class ThreadedGateway extends StoreBackedEngine implements ServingEngine 
     // The engine thread answers only at its next step boundary (a long prefill can take seconds):
     // with every running slot and waiting place taken, the 429 is decided here, at once.
     if (this.pending.size >= this.admissionLimit) {
-      return Promise.reject(new LoraGatewayError('QUEUE_FULL', `the waiting queue is full (${this.maxWaiting} requests); retry later`));
+      return Promise.reject(queueFullError(this.maxWaiting));
     }
     const id = this.nextId++;
     const { signal, ...wire } = request;
